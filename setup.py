@@ -1,0 +1,37 @@
+"""Installs the `kfcn` library (recipes/, export/ and bench/ are script folders)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kfcn",
+    version="0.1.0",
+    description=(
+        "Fully Convolutional Networks for semantic segmentation (Long, Shelhamer, "
+        "Darrell, CVPR 2015 / TPAMI 2017) in Keras 3 on TensorFlow."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kfcn", "kfcn.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3",
+        "tensorflow-datasets",
+        "numpy",
+        "pillow",
+        "absl-py",
+    ],
+    extras_require={
+        "tflite": ["ai-edge-litert"],
+        "serving": ["tensorflow-serving-api", "grpcio", "requests"],
+        "test": [
+            "pytest",
+            "ruff",
+            "scipy",
+            "ai-edge-litert",
+            "tensorflow-serving-api",
+            "grpcio",
+            "requests",
+        ],
+    },
+)
