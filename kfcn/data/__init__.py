@@ -1,0 +1,104 @@
+"""Segmentation datasets and the tf.data input pipeline.
+
+`load_dataset(name, split, data_dir)` returns a `tf.data.Dataset` of
+`{"image": uint8 [H, W, 3], "label": uint8 [H, W], "name": string}` dicts plus a `DatasetInfo`.
+Labels are class indices in [0, num_classes) or the dataset's ignore label; anything else is an
+error naming the file. `kfcn.data.pipeline` turns such a dataset into training batches (random
+scale, crop, flip) or evaluation images at native size.
+
+Datasets: "camvid" and "folder" (`kfcn.data.listfile`, list files of image/label pairs), "voc",
+"sbd" and "cityscapes" (`kfcn.data.voc`, `.sbd`, `.cityscapes`). Each loader module is imported
+only when its dataset is requested, so `import kfcn.data` does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kfcn.data.images import DataError, read_image, read_label
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+__all__ = ["DATASETS", "DataError", "DatasetInfo", "load_dataset", "read_image", "read_label"]
+
+DATASETS = ("camvid", "folder", "voc", "sbd", "cityscapes")
+# Datasets whose loader module (written separately) exposes `load()` and the class constants.
+_MODULE_DATASETS = ("voc", "sbd", "cityscapes")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a training or evaluation script needs to know about a dataset.
+
+    Attributes:
+        name: dataset name as passed to `load_dataset`.
+        num_classes: classes are 0..num_classes-1.
+        ignore_label: label value excluded from loss and metrics.
+        class_names: one name per class, in index order.
+        num_examples: number of elements in the split, or None when unknown.
+    """
+
+    name: str
+    num_classes: int
+    ignore_label: int
+    class_names: tuple[str, ...]
+    num_examples: int | None
+
+
+def load_dataset(
+    name: str, split: str, data_dir: str | None = None, **kwargs: Any
+) -> tuple[tf.data.Dataset, DatasetInfo]:
+    """Loads one split of a segmentation dataset.
+
+    Args:
+        name: one of "camvid", "folder", "voc", "sbd", "cityscapes".
+        split: split name, e.g. "train", "val" (CamVid also "test" when root/test.txt exists).
+        data_dir: dataset root. For "camvid" the folder holding train.txt/val.txt (SegNet
+            layout); for "folder" the folder holding `<split>.txt` (or pass `list_file=`).
+        **kwargs: passed to the loader: for "camvid"/"folder" see
+            `kfcn.data.listfile.load_camvid` / `load_folder` (e.g. `on_error="skip"`,
+            `num_classes=` for folder); for "voc"/"sbd"/"cityscapes" e.g. `manual_dir=`.
+
+    Returns:
+        (dataset, info): dataset of {"image", "label", "name"} dicts and its `DatasetInfo`.
+
+    Raises:
+        ValueError: unknown `name`.
+        DataError: missing, unreadable or inconsistent files (the message names them).
+
+    Example:
+        >>> ds, info = load_dataset("camvid", "train", data_dir="/data/camvid")
+        >>> info.num_classes, info.ignore_label
+        (11, 255)
+    """
+    if name in ("camvid", "folder"):
+        from kfcn.data import listfile
+
+        loader = listfile.load_camvid if name == "camvid" else listfile.load_folder
+        return loader(split, data_dir=data_dir, **kwargs)
+    if name in _MODULE_DATASETS:
+        module = importlib.import_module(f"kfcn.data.{name}")
+        dataset = module.load(split, data_dir=data_dir, **kwargs)
+        info = DatasetInfo(
+            name=name,
+            num_classes=int(module.NUM_CLASSES),
+            ignore_label=int(module.IGNORE_LABEL),
+            class_names=tuple(module.CLASS_NAMES),
+            num_examples=_known_cardinality(dataset),
+        )
+        return dataset, info
+    raise ValueError(
+        "`dataset` must be one of "
+        + ", ".join(repr(d) for d in DATASETS)
+        + f". Received: dataset={name!r}"
+    )
+
+
+def _known_cardinality(dataset: tf.data.Dataset) -> int | None:
+    import tensorflow as tf
+
+    n = int(dataset.cardinality())
+    return n if n >= 0 and n != int(tf.data.INFINITE_CARDINALITY) else None
