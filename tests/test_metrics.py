@@ -1,0 +1,256 @@
+"""Tests for kfcn.metrics against confusion matrices and scores worked out by hand."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from kfcn import metrics
+
+
+def test_confusion_matrix_counts_pairs_and_drops_ignored_pixels():
+    labels = np.array([[0, 0, 1, 255], [2, 1, 1, 3]])
+    preds = np.array([[0, 1, 1, 2], [2, 2, 1, 0]])
+    # Pairs (gt, pred) of kept pixels: (0,0) (0,1) (1,1) (2,2) (1,2) (1,1);
+    # gt 255 is the ignore label and gt 3 is outside [0, 3): both dropped.
+    expected = np.array(
+        [
+            [1, 1, 0],  # gt 0: one predicted 0, one predicted 1
+            [0, 2, 1],  # gt 1: two predicted 1, one predicted 2
+            [0, 0, 1],  # gt 2: one predicted 2
+        ]
+    )
+    got = metrics.confusion_matrix(labels, preds, num_classes=3, ignore_label=255)
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == np.int64
+
+
+def test_confusion_matrix_ignore_label_inside_range_is_dropped():
+    # ignore_label=0 means "background is not scored".
+    got = metrics.confusion_matrix([0, 1, 2, 0], [1, 1, 0, 0], num_classes=3, ignore_label=0)
+    np.testing.assert_array_equal(got, [[0, 0, 0], [0, 1, 0], [1, 0, 0]])
+
+
+def test_confusion_matrix_bad_inputs():
+    with pytest.raises(ValueError, match=r"predictions.*\[3\]"):
+        metrics.confusion_matrix([0, 1], [0, 3], num_classes=3)
+    with pytest.raises(ValueError, match="predictions"):
+        metrics.confusion_matrix([0, 1], [-1, 0], num_classes=3)
+    with pytest.raises(ValueError, match=r"\(2, 2\).*\(4,\)"):
+        metrics.confusion_matrix(np.zeros((2, 2), int), np.zeros(4, int), num_classes=3)
+    with pytest.raises(ValueError, match="num_classes"):
+        metrics.confusion_matrix([0], [0], num_classes=0)
+
+
+def test_scores_hand_computed():
+    # rows = ground truth, columns = prediction
+    hist = np.array(
+        [
+            [3, 1, 0],
+            [2, 4, 0],
+            [0, 0, 0],  # class 2 absent from ground truth and prediction
+        ]
+    )
+    # t = (4, 6, 0), predicted totals = (5, 5, 0), n_ii = (3, 4, 0), total 10
+    # pixel acc = (3 + 4) / 10
+    # acc_0 = 3/4, acc_1 = 4/6, class 2 left out -> mean acc = (3/4 + 4/6) / 2
+    # IU_0 = 3 / (4 + 5 - 3) = 3/6, IU_1 = 4 / (6 + 5 - 4) = 4/7, IU_2 undefined
+    # mean IU = (3/6 + 4/7) / 2; fw IU = (4 * 3/6 + 6 * 4/7) / 10
+    s = metrics.scores(hist)
+    assert s["pixel_accuracy"] == pytest.approx(0.7)
+    assert s["mean_accuracy"] == pytest.approx((3 / 4 + 4 / 6) / 2)
+    assert s["mean_iou"] == pytest.approx((3 / 6 + 4 / 7) / 2)
+    assert s["frequency_weighted_iou"] == pytest.approx((4 * 3 / 6 + 6 * 4 / 7) / 10)
+    assert s["iou"][:2] == pytest.approx([3 / 6, 4 / 7])
+    assert math.isnan(s["iou"][2])
+    assert s["accuracy"][:2] == pytest.approx([3 / 4, 4 / 6])
+    assert math.isnan(s["accuracy"][2])
+
+
+def test_scores_class_predicted_but_absent_from_ground_truth():
+    hist = np.array(
+        [
+            [2, 1, 1],
+            [0, 3, 0],
+            [0, 0, 0],  # class 2: no ground truth, but predicted once
+        ]
+    )
+    # t = (4, 3, 0), predicted totals = (2, 4, 1), n_ii = (2, 3, 0)
+    # IU_2 = 0 / (0 + 1 - 0) = 0 and counts in mean IU; acc_2 undefined (t_2 = 0)
+    # mean IU = (2/(4+2-2) + 3/(3+4-3) + 0) / 3 = (1/2 + 3/4) / 3
+    # mean acc = (2/4 + 3/3) / 2; fw IU = (4 * 1/2 + 3 * 3/4 + 0 * 0) / 7
+    s = metrics.scores(hist)
+    assert s["iou"] == pytest.approx([0.5, 0.75, 0.0])
+    assert s["mean_iou"] == pytest.approx((0.5 + 0.75) / 3)
+    assert s["mean_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert s["pixel_accuracy"] == pytest.approx(5 / 7)
+    assert s["frequency_weighted_iou"] == pytest.approx((4 * 0.5 + 3 * 0.75) / 7)
+
+
+def test_scores_from_pixels_with_ignore_and_perfect_prediction():
+    labels = np.array([[1, 1, 255], [0, 255, 1]])
+    hist = metrics.confusion_matrix(labels, np.where(labels == 255, 0, labels), 4)
+    s = metrics.scores(hist)
+    # Only classes 0 and 1 appear; both perfect; classes 2 and 3 undefined.
+    assert s["pixel_accuracy"] == 1.0
+    assert s["mean_iou"] == 1.0
+    assert s["mean_accuracy"] == 1.0
+    assert s["frequency_weighted_iou"] == 1.0
+    assert [math.isnan(v) for v in s["iou"]] == [False, False, True, True]
+
+
+def test_scores_empty_and_bad_matrix():
+    s = metrics.scores(np.zeros((3, 3)))
+    assert all(math.isnan(s[k]) for k in ("pixel_accuracy", "mean_iou", "mean_accuracy"))
+    with pytest.raises(ValueError, match="square"):
+        metrics.scores(np.zeros((2, 3)))
+
+
+def _numpy_confusion(labels, preds, n, ignore):
+    # Independent of kfcn: np.add.at over the kept pixels.
+    hist = np.zeros((n, n), np.int64)
+    keep = (labels != ignore) & (labels < n)
+    np.add.at(hist, (labels[keep], preds[keep]), 1)
+    return hist
+
+
+def test_streaming_metric_matches_numpy_and_round_trips():
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    n = 4
+    metric = metrics.ConfusionMatrixMetric(n, ignore_label=255, name="miou")
+    total = np.zeros((n, n), np.int64)
+    for _ in range(3):
+        labels = rng.integers(0, n, size=(2, 5, 6))
+        labels[rng.random(labels.shape) < 0.2] = 255
+        logits = rng.normal(size=(2, 5, 6, n)).astype(np.float32)
+        preds = logits.argmax(-1)
+        total += _numpy_confusion(labels, preds, n, 255)
+        metric.update_state(tf.constant(labels, tf.int32), tf.constant(logits))
+    np.testing.assert_array_equal(metric.confusion_matrix(), total)
+    tp = np.diag(total)
+    union = total.sum(0) + total.sum(1) - tp
+    assert float(metric.result()) == pytest.approx(np.mean(tp / union), rel=1e-6)
+    assert metric.scores()["mean_iou"] == pytest.approx(np.mean(tp / union))
+
+    # Class ids instead of logits, and [b, h, w, 1] labels.
+    metric.reset_state()
+    metric.update_state(np.array([[[[0], [1]], [[1], [255]]]]), np.array([[[0, 1], [0, 3]]]))
+    np.testing.assert_array_equal(
+        metric.confusion_matrix(), [[1, 0, 0, 0], [1, 1, 0, 0], [0] * 4, [0] * 4]
+    )
+
+    clone = keras.metrics.deserialize(keras.metrics.serialize(metric))
+    assert type(clone).__name__ == "ConfusionMatrixMetric"
+    assert clone.get_config() == metric.get_config()
+    assert (clone.num_classes, clone.ignore_label, clone.name) == (4, 255, "miou")
+
+
+def test_streaming_metric_rejects_wrong_channels():
+    with pytest.raises(ValueError, match="num_classes=3"):
+        metrics.ConfusionMatrixMetric(3).update_state(np.zeros((1, 2, 2)), np.zeros((1, 2, 2, 5)))
+
+
+def test_streaming_metric_in_compiled_model_evaluate():
+    import keras
+
+    # A 1x1 conv with fixed weights: logit_1 - logit_0 = R - 128, so class = (R > 128).
+    inputs = keras.Input((None, None, 3))
+    outputs = keras.layers.Conv2D(
+        2,
+        1,
+        kernel_initializer=keras.initializers.Constant(
+            np.array([[[[0.0, 1.0], [0, 0], [0, 0]]]], np.float32)
+        ),
+        bias_initializer=keras.initializers.Constant([0.0, -128.0]),
+    )(inputs)
+    model = keras.Model(inputs, outputs)
+    metric = metrics.ConfusionMatrixMetric(2, name="mean_iou")
+    from kfcn.losses import SegmentationCrossEntropy
+
+    model.compile(loss=SegmentationCrossEntropy(), metrics=[metric])
+    images = np.zeros((4, 3, 3, 3), np.float32)
+    images[:, :, :2, 0] = 200.0  # class 1 in the first two columns
+    labels = np.zeros((4, 3, 3), np.int32)
+    labels[:, :, :2] = 1
+    labels[0, 0, 2] = 1  # one wrong pixel: gt 1, predicted 0
+    labels[1, 0, 0] = 255  # ignored
+    model.evaluate(images, labels, batch_size=2, verbose=0)
+    # gt1/pred1 = 4*6 - 1 ignored = 23; gt1/pred0 = 1; gt0/pred0 = 4*3 - 1 = 11
+    np.testing.assert_array_equal(metric.confusion_matrix(), [[11, 0], [1, 23]])
+
+
+_DISTRIBUTED_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from kfcn import metrics
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    rng = np.random.default_rng(1)
+    n = 3
+    labels = rng.integers(0, n, size=(8, 4, 5)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.25] = 255
+    logits = rng.normal(size=(8, 4, 5, n)).astype(np.float32)
+    with strategy.scope():
+        metric = metrics.ConfusionMatrixMetric(n)
+    dataset = tf.data.Dataset.from_tensor_slices((labels, logits)).batch(4)
+    dist = strategy.experimental_distribute_dataset(dataset)
+
+    @tf.function
+    def step(y, p):
+        strategy.run(metric.update_state, args=(y, p))
+
+    seen = []
+    for y, p in dist:
+        seen.append(sum(int(tf.size(t)) for t in strategy.experimental_local_results(y)))
+        step(y, p)
+    # Both replicas received data, so a per-replica (unsummed) read would be wrong.
+    assert len(seen) == 2, seen
+    np.save("confusion.npy", metric.confusion_matrix())
+
+    # The same through Model.evaluate under the strategy (global batch 4 -> 2 per replica).
+    import keras
+    from kfcn.losses import SegmentationCrossEntropy
+    with strategy.scope():
+        inputs = keras.Input((4, 5, n))
+        model = keras.Model(inputs, keras.layers.Identity()(inputs))
+        compiled_metric = metrics.ConfusionMatrixMetric(n, name="miou")
+        model.compile(loss=SegmentationCrossEntropy(), metrics=[compiled_metric])
+    model.evaluate(logits, labels, batch_size=4, verbose=0)
+    np.save("confusion_evaluate.npy", compiled_metric.confusion_matrix())
+    np.save("result.npy", np.float64(metric.result()))
+    np.save("labels.npy", labels)
+    np.save("preds.npy", logits.argmax(-1))
+    """
+)
+
+
+def test_streaming_metric_sums_replicas_under_mirrored_strategy(tmp_path):
+    # Logical devices must be configured before TensorFlow initialises, so the
+    # body runs in a fresh interpreter.
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISTRIBUTED_SCRIPT],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = np.load(tmp_path / "labels.npy")
+    preds = np.load(tmp_path / "preds.npy")
+    expected = _numpy_confusion(labels, preds, 3, 255)
+    np.testing.assert_array_equal(np.load(tmp_path / "confusion.npy"), expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "confusion_evaluate.npy"), expected)
+    tp = np.diag(expected)
+    union = expected.sum(0) + expected.sum(1) - tp
+    assert float(np.load(tmp_path / "result.npy")) == pytest.approx(np.mean(tp / union), 1e-6)
