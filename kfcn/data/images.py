@@ -116,7 +116,9 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
         raise DataError(f"{path}: cannot decode {what} file: {e}") from e
 
 
-def read_header(path: str | os.PathLike, *, verify: bool = True) -> ImageHeader:
+def read_header(
+    path: str | os.PathLike, *, verify: bool = True, what: str = "image"
+) -> ImageHeader:
     """Reads an image's format, mode and size without decoding its pixels.
 
     Args:
@@ -124,6 +126,7 @@ def read_header(path: str | os.PathLike, *, verify: bool = True) -> ImageHeader:
         verify: also check the file's integrity with `PIL.Image.verify` (for PNG this checks
             every chunk's CRC, which catches truncated and most corrupted files at the cost of
             reading the file once; it does not decompress pixels).
+        what: "image" or "label", for the messages.
 
     Returns:
         The `ImageHeader`.
@@ -132,16 +135,16 @@ def read_header(path: str | os.PathLike, *, verify: bool = True) -> ImageHeader:
         DataError: the file is missing, empty, not an image, truncated or corrupt, or has 0 pixels.
     """
     path = os.fspath(path)
-    im = _open(path, "image")
+    im = _open(path, what)
     with im:
         fmt, mode, (width, height) = im.format or "", im.mode, im.size
         if width == 0 or height == 0:
-            raise DataError(f"{path}: image has 0 pixels (size {width}x{height})")
+            raise DataError(f"{path}: {what} has 0 pixels (size {width}x{height})")
         if verify:
             try:
                 im.verify()
             except Exception as e:
-                raise DataError(f"{path}: corrupt or truncated image file: {e}") from e
+                raise DataError(f"{path}: corrupt or truncated {what} file: {e}") from e
     if fmt == "PNG":
         bit_depth = _png_bit_depth(path)
         if verify:

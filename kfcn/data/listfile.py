@@ -183,7 +183,7 @@ class _Plan:
 
 def _check_header(item: ListItem, palette: Mapping | None, validate: str) -> _Plan:
     image = read_header(item.image)
-    label = read_header(item.label)
+    label = read_header(item.label, what="label")
     label_modes = ("P", "L", "1", "I;16", "I;16B", "I;16L", "I")
     if label.mode not in label_modes and not (palette and label.mode in ("RGB", "RGBA")):
         raise DataError(
