@@ -1,0 +1,51 @@
+"""kfcn: Fully Convolutional Networks for semantic segmentation in Keras 3.
+
+Long, Shelhamer and Darrell, "Fully Convolutional Networks for Semantic
+Segmentation", CVPR 2015 / TPAMI 2017.
+
+Importing `kfcn` is cheap and silent: TensorFlow and Keras are imported on first
+use of a builder or submodule (PEP 562 lazy attributes).
+"""
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY_ATTRS = {
+    "build_fcn": "kfcn.fcn",
+    "build_fcn32s": "kfcn.fcn",
+    "build_fcn16s": "kfcn.fcn",
+    "build_fcn8s": "kfcn.fcn",
+    "load_model": "kfcn.fcn",
+    "convolutionalize": "kfcn.convolutionalize",
+}
+_LAZY_MODULES = (
+    "backbones",
+    "bilinear",
+    "convolutionalize",
+    "data",
+    "evaluation",
+    "export",
+    "fcn",
+    "geometry",
+    "layers",
+    "losses",
+    "metrics",
+    "surgery",
+    "training",
+)
+
+__all__ = sorted(_LAZY_ATTRS) + list(_LAZY_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_ATTRS:
+        return getattr(importlib.import_module(_LAZY_ATTRS[name]), name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"kfcn.{name}")
+    raise AttributeError(f"module 'kfcn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

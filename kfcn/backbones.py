@@ -1,0 +1,172 @@
+"""The classifiers FCNs are built from, and where their features are tapped.
+
+One table, keyed by backbone name: the Keras Applications constructor, its
+`preprocess_input` mode, and its feature taps keyed by stride (8, 16, 32), as
+keras-hub keys ``P3/P4/P5``. Taps are explicit Keras Applications layer names
+where those are stable, and otherwise found by graph position
+(`kfcn.geometry.find_taps`), never from auto-generated names, which change when
+a second model is built in the same process. Every tap's stride is checked when
+a model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from kfcn import geometry
+
+STRIDES = (8, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one Keras Applications backbone.
+
+    Attributes:
+        constructor: Name of the `keras.applications` function.
+        preprocessing: `kfcn.layers.Preprocess` mode ("none" when the
+            application normalises its input itself).
+        taps: Layer names keyed by stride, or None to find taps by graph position.
+        fc_layers: Names of the classifier's fully connected layers that the FCN
+            keeps as convolutions `fc6`, `fc7` (the paper's VGG surgery).
+    """
+
+    constructor: str
+    preprocessing: str
+    taps: dict[int, str] | None = None
+    fc_layers: tuple[str, ...] = ()
+
+
+_VGG_TAPS = {8: "block3_pool", 16: "block4_pool", 32: "block5_pool"}
+_DENSENET_TAPS = {8: "pool3_conv", 16: "pool4_conv", 32: "relu"}
+
+
+def _resnet_taps(blocks3: int, blocks4: int) -> dict[int, str]:
+    return {
+        8: f"conv3_block{blocks3}_out",
+        16: f"conv4_block{blocks4}_out",
+        32: "conv5_block3_out",
+    }
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg16": BackboneSpec("VGG16", "caffe", _VGG_TAPS, ("fc1", "fc2")),
+    "vgg19": BackboneSpec("VGG19", "caffe", _VGG_TAPS, ("fc1", "fc2")),
+    "resnet50": BackboneSpec("ResNet50", "caffe", _resnet_taps(4, 6)),
+    "resnet101": BackboneSpec("ResNet101", "caffe", _resnet_taps(4, 23)),
+    "resnet152": BackboneSpec("ResNet152", "caffe", _resnet_taps(8, 36)),
+    "resnet50v2": BackboneSpec("ResNet50V2", "tf"),
+    "resnet101v2": BackboneSpec("ResNet101V2", "tf"),
+    "resnet152v2": BackboneSpec("ResNet152V2", "tf"),
+    "mobilenet": BackboneSpec(
+        "MobileNet", "tf", {8: "conv_pw_5_relu", 16: "conv_pw_11_relu", 32: "conv_pw_13_relu"}
+    ),
+    "mobilenetv2": BackboneSpec(
+        "MobileNetV2",
+        "tf",
+        {8: "block_6_expand_relu", 16: "block_13_expand_relu", 32: "out_relu"},
+    ),
+    "mobilenetv3small": BackboneSpec("MobileNetV3Small", "none"),
+    "mobilenetv3large": BackboneSpec("MobileNetV3Large", "none"),
+    **{f"efficientnetb{i}": BackboneSpec(f"EfficientNetB{i}", "none") for i in range(8)},
+    **{
+        f"efficientnetv2{v}": BackboneSpec(f"EfficientNetV2{v.upper()}", "none")
+        for v in ("b0", "b1", "b2", "b3", "s", "m", "l")
+    },
+    **{
+        f"convnext{size}": BackboneSpec(f"ConvNeXt{size.capitalize()}", "none")
+        for size in ("tiny", "small", "base", "large", "xlarge")
+    },
+    "densenet121": BackboneSpec("DenseNet121", "torch", _DENSENET_TAPS),
+    "densenet169": BackboneSpec("DenseNet169", "torch", _DENSENET_TAPS),
+    "densenet201": BackboneSpec("DenseNet201", "torch", _DENSENET_TAPS),
+    "xception": BackboneSpec(
+        "Xception",
+        "tf",
+        {8: "block4_sepconv2_bn", 16: "block13_sepconv2_bn", 32: "block14_sepconv2_act"},
+    ),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Looks up a backbone by (case-insensitive) name.
+
+    Raises:
+        ValueError: If the name is not in `BACKBONES`.
+    """
+    key = name.lower().replace("_", "").replace("-", "") if isinstance(name, str) else name
+    if key not in BACKBONES:
+        raise ValueError(
+            "`backbone` must be a keras.Model or one of "
+            f"{sorted(BACKBONES)}. Received: backbone={name!r}"
+        )
+    return BACKBONES[key]
+
+
+def build_trunk(spec: BackboneSpec, channels: int = 3) -> keras.Model:
+    """The application without its classifier, for images of any size."""
+    constructor = getattr(keras.applications, spec.constructor)
+    return constructor(include_top=False, weights=None, input_shape=(None, None, channels))
+
+
+def build_classifier(spec: BackboneSpec, weights: str) -> keras.Model:
+    """The application with its classifier, loaded with `weights`.
+
+    Args:
+        spec: The backbone.
+        weights: "imagenet" (downloaded by Keras Applications) or the path of a
+            Keras Applications classifier weights file (include_top=True).
+
+    Raises:
+        ValueError: If the weights file does not exist or does not fit.
+    """
+    constructor = getattr(keras.applications, spec.constructor)
+    try:
+        return constructor(include_top=True, weights=weights)
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"`weights` could not be loaded into a {spec.constructor} classifier "
+            f"(include_top=True). Received: weights={weights!r}. Cause: {error}"
+        ) from error
+
+
+def resolve_taps(model: keras.Model, names: dict[int, str] | None) -> dict[int, tuple]:
+    """Finds the stride-8/16/32 taps of `model` and checks their strides.
+
+    Args:
+        model: A functional backbone taking images.
+        names: Layer names keyed by stride, or None to find taps by position.
+
+    Returns:
+        A dict mapping stride to `(output_tensor, Geometry)`.
+
+    Raises:
+        ValueError: If a tap is missing or sits at another stride.
+    """
+    records = geometry.trace(model)
+    if names is None:
+        found = geometry.find_taps(model, STRIDES)
+        missing = [s for s in STRIDES if s not in found]
+        if missing:
+            raise ValueError(
+                f"`backbone` has no feature map at stride(s) {missing} that kfcn can tap "
+                f"(found strides {sorted(found)}). Received: backbone={model.name!r}"
+            )
+        return {s: (tensor, geo) for s, (_, tensor, geo) in found.items()}
+    by_name = {layer.name: (tensor, geo) for layer, tensor, geo in records}
+    taps = {}
+    for stride, name in names.items():
+        if name not in by_name:
+            raise ValueError(
+                f"`backbone` {model.name!r} has no layer {name!r} for its stride-{stride} tap."
+            )
+        tensor, geo = by_name[name]
+        if not isinstance(geo, geometry.Geometry) or geo.stride != (stride, stride):
+            raise ValueError(
+                f"`backbone` {model.name!r}: tap {name!r} should have stride {stride}, "
+                f"but its geometry is {geo}."
+            )
+        taps[stride] = (tensor, geo)
+    return taps

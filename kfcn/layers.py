@@ -1,0 +1,179 @@
+"""The few custom layers an FCN needs, all registered for serialization.
+
+None of them has weights, so they add no parameters to the paper's counts, and
+none is a `Lambda`, so `keras.saving.load_model` works with `safe_mode=True`.
+Every op they emit is one the TFLite GPU delegate runs (CONV_2D, ADD, SUB, PAD,
+STRIDED_SLICE without shrink masks, MUL).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+
+# mode -> (channel order, scale per channel, shift per channel) applied as
+# y[..., i] = x[..., order[i]] * scale[i] + shift[i], on 0..255 RGB input.
+_MODES = {
+    # Caffe VGG/ResNet: BGR, mean subtracted, no scaling.
+    "caffe": ((2, 1, 0), (1.0, 1.0, 1.0), tuple(-m for m in IMAGENET_MEAN_RGB[::-1])),
+    # TF-slim Inception/MobileNet: RGB scaled to [-1, 1].
+    "tf": ((0, 1, 2), (1 / 127.5,) * 3, (-1.0,) * 3),
+    # PyTorch DenseNet: RGB in [0, 1], standardised per channel.
+    "torch": (
+        (0, 1, 2),
+        tuple(1 / (255.0 * s) for s in (0.229, 0.224, 0.225)),
+        tuple(-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+    ),
+}
+PREPROCESSING_MODES = (*_MODES, "none")
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class Preprocess(keras.layers.Layer):
+    """Keras Applications' `preprocess_input`, inside the model.
+
+    The channel permutation and affine normalisation are one fixed 1x1
+    convolution, a single CONV_2D in TFLite (a channel reversal would be a
+    REVERSE_V2, which the GPU delegate lacks).
+
+    Args:
+        mode: One of "caffe", "tf", "torch" or "none" (the backbone normalises
+            its input itself, as EfficientNet and ConvNeXt do).
+    """
+
+    def __init__(self, mode: str = "caffe", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING_MODES:
+            raise ValueError(
+                f"`mode` must be one of {PREPROCESSING_MODES}. Received: mode={mode!r}"
+            )
+        self.mode = mode
+
+    def call(self, images):
+        x = ops.cast(images, self.compute_dtype)
+        if self.mode == "none":
+            return x
+        order, scale, shift = _MODES[self.mode]
+        kernel = np.zeros((1, 1, 3, 3), np.float32)
+        for out_channel, in_channel in enumerate(order):
+            kernel[0, 0, in_channel, out_channel] = scale[out_channel]
+        kernel = ops.cast(kernel, self.compute_dtype)
+        bias = ops.cast(np.asarray(shift, np.float32), self.compute_dtype)
+        return ops.conv(x, kernel, strides=1, padding="valid") + bias
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class PadToMultiple(keras.layers.Layer):
+    """Pads the bottom and right of images to a multiple of the network stride.
+
+    With every spatial size divisible by 32, each strided layer of the trunk
+    sees a size divisible by its stride, so feature positions are the same
+    for every input size and the output can be cropped back exactly (the role
+    of the reference's 100-pixel padding). Padding on the bottom/right moves no
+    feature. The padding takes the colour `value` (the ImageNet mean by default,
+    which preprocessing maps to about zero).
+
+    Args:
+        multiple: The size multiple, >= 1.
+        value: Per-channel padding value (in input units).
+    """
+
+    def __init__(self, multiple: int = 32, value=IMAGENET_MEAN_RGB, **kwargs):
+        super().__init__(**kwargs)
+        if int(multiple) < 1:
+            raise ValueError(f"`multiple` must be >= 1. Received: multiple={multiple}")
+        self.multiple = int(multiple)
+        self.value = tuple(float(v) for v in value)
+
+    def _padding(self, size):
+        return (-size) % self.multiple
+
+    def call(self, images):
+        x = ops.cast(images, self.compute_dtype)
+        shape = ops.shape(x)
+        pad_h, pad_w = self._padding(shape[1]), self._padding(shape[2])
+        if isinstance(pad_h, int) and isinstance(pad_w, int) and pad_h == 0 and pad_w == 0:
+            return x  # static size already a multiple: no op at all
+        value = ops.cast(np.asarray(self.value, np.float32), self.compute_dtype)
+        # Pad (x - value) with zeros and add value back: a plain PAD op, which the
+        # GPU delegate supports, instead of PADV2 with a constant.
+        x = ops.pad(x - value, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+        return x + value
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        grow = lambda size: None if size is None else size + self._padding(size)  # noqa: E731
+        return (batch, grow(height), grow(width), channels)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "multiple": self.multiple, "value": list(self.value)}
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class AlignCrop(keras.layers.Layer):
+    """Crops a map to the size of a reference map, starting at a fixed offset.
+
+    The reference's `crop` layer: called on `[x, reference]`, it returns
+    ``x[:, oy:oy + H, ox:ox + W]`` where ``H, W`` are the reference's size. The
+    offsets come from the layers' strides and offsets (`kfcn.geometry`), so the
+    crop aligns `x` with `reference` pixel for pixel. A negative offset (a
+    backbone whose first feature lies inside the image, such as Xception) pads
+    `x` with zeros on that side first.
+
+    Args:
+        offset: `(oy, ox)`, integer crop offsets.
+    """
+
+    def __init__(self, offset=(0, 0), **kwargs):
+        super().__init__(**kwargs)
+        offset = tuple(int(o) for o in offset)
+        if len(offset) != 2:
+            raise ValueError(f"`offset` must be two integers. Received: offset={offset}")
+        self.offset = offset
+
+    def call(self, inputs):
+        x, reference = inputs
+        height, width = ops.shape(reference)[1], ops.shape(reference)[2]
+        oy, ox = self.offset
+        if oy < 0 or ox < 0:
+            x = ops.pad(x, [[0, 0], [max(-oy, 0), 0], [max(-ox, 0), 0], [0, 0]])
+            oy, ox = max(oy, 0), max(ox, 0)
+        return ops.cast(x[:, oy : oy + height, ox : ox + width, :], self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        x_shape, reference_shape = input_shape
+        return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[3])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "offset": list(self.offset)}
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class Scale(keras.layers.Layer):
+    """Multiplies by a fixed factor (the all-at-once FCN's pool3/pool4 scaling).
+
+    Args:
+        scale: The factor (0.01 for pool4, 0.0001 for pool3 in voc-fcn8s-atonce).
+    """
+
+    def __init__(self, scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+
+    def call(self, x):
+        return x * ops.cast(self.scale, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "scale": self.scale}
