@@ -106,8 +106,8 @@ def test_seg11valid_without_sources_names_needed_files(tmp_path):
     assert os.path.join("benchmark_RELEASE", "dataset", "train.txt") in msg
 
 
-def test_default_manual_dir_and_tar(tmp_path):
-    """The original tar in <data_dir>/downloads/manual (tfds' default manual dir) is enough."""
+def test_tfds_data_dir_default_manual_dir_and_tar(tmp_path, monkeypatch):
+    """$TFDS_DATA_DIR is the data_dir and the tar in its downloads/manual (tfds' default)."""
     src = str(tmp_path / "src")
     labels = fx.make_voc(src, {"train": TRAIN[:2], "val": VAL[:1]})
     data_dir = tmp_path / "tfds"
@@ -116,8 +116,10 @@ def test_default_manual_dir_and_tar(tmp_path):
     with tarfile.open(manual / voc.VOC2012_TAR, "w") as tar:
         tar.add(os.path.join(src, "VOCdevkit"), arcname="VOCdevkit")
     shutil.rmtree(src)
-    got = _read_all(voc.load("train", data_dir=str(data_dir)))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    got = _read_all(voc.load("train"))
     assert sorted(got) == TRAIN[:2]
+    assert os.path.isdir(data_dir / "voc_segmentation" / "voc2012" / "1.0.0")
     np.testing.assert_array_equal(got[TRAIN[1]]["label"], labels[TRAIN[1]])
 
 
@@ -194,3 +196,14 @@ def test_size_mismatch_names_both_files(tmp_path):
     with pytest.raises(DataError, match="different sizes") as e:
         voc.load("train", data_dir=str(tmp_path / "tfds"), manual_dir=manual)
     assert TRAIN[2] + ".jpg" in str(e.value) and TRAIN[2] + ".png" in str(e.value)
+
+
+def test_through_the_dataset_registry(prepared):
+    from kfcn.data import load_dataset
+
+    data_dir, manual, _ = prepared
+    ds, info = load_dataset("voc", "val", data_dir=data_dir, manual_dir=manual)
+    assert (info.name, info.num_classes, info.ignore_label) == ("voc", 21, 255)
+    assert info.class_names == voc.CLASS_NAMES
+    assert info.num_examples == len(VAL)
+    assert sorted(_read_all(ds)) == sorted(VAL)

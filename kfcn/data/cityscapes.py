@@ -147,7 +147,9 @@ class ValidatedCityscapes(_tfds_cityscapes.Builder, skip_registration=True):
 
 def builder(data_dir: str | None = None) -> ValidatedCityscapes:
     """Returns the `cityscapes/semantic_segmentation` builder (fine labels, train/val/test)."""
-    return ValidatedCityscapes(config="semantic_segmentation", data_dir=data_dir)
+    return ValidatedCityscapes(
+        config="semantic_segmentation", data_dir=voc.resolve_data_dir(data_dir)
+    )
 
 
 def _to_train_ids(example: dict, table: tf.Tensor) -> dict:

@@ -208,7 +208,8 @@ def builder(split: str, data_dir: str | None = None) -> SbdSegmentation:
     """Returns the tfds builder holding `split` ("train", "val" or "train_aug")."""
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {SPLITS}. Received: split={split!r}")
-    return SbdSegmentation(config="train_aug" if split == "train_aug" else "sbd", data_dir=data_dir)
+    config = "train_aug" if split == "train_aug" else "sbd"
+    return SbdSegmentation(config=config, data_dir=voc.resolve_data_dir(data_dir))
 
 
 def load(split: str, data_dir: str | None = None, manual_dir: str | None = None) -> tf.data.Dataset:

@@ -184,6 +184,15 @@ def segmentation_features() -> tfds.features.FeaturesDict:
     )
 
 
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """Returns `data_dir`, else `$TFDS_DATA_DIR` read now, else None (tfds' default).
+
+    tfds reads `TFDS_DATA_DIR` once at import; reading it per call also honours a variable set
+    after `import tensorflow_datasets`.
+    """
+    return data_dir if data_dir is not None else os.environ.get("TFDS_DATA_DIR") or None
+
+
 def load_prepared(
     builder: tfds.core.DatasetBuilder, split: str, manual_dir: str | None
 ) -> tf.data.Dataset:
@@ -417,7 +426,7 @@ def builder(split: str, data_dir: str | None = None) -> VocSegmentation:
     """Returns the tfds builder holding `split` ("train", "val" or "seg11valid")."""
     _check_split(split)
     config = "seg11valid" if split == "seg11valid" else "voc2012"
-    return VocSegmentation(config=config, data_dir=data_dir)
+    return VocSegmentation(config=config, data_dir=resolve_data_dir(data_dir))
 
 
 def load(split: str, data_dir: str | None = None, manual_dir: str | None = None) -> tf.data.Dataset:
