@@ -207,3 +207,13 @@ def test_through_the_dataset_registry(prepared):
     assert info.class_names == voc.CLASS_NAMES
     assert info.num_examples == len(VAL)
     assert sorted(_read_all(ds)) == sorted(VAL)
+
+
+def test_no_manual_data_gives_the_download_instructions(tmp_path):
+    # tfds raises for an absent/empty manual dir and prints the builder's instructions.
+    with pytest.raises(AssertionError, match=voc.VOC2012_TAR):
+        voc.load("train", data_dir=str(tmp_path / "tfds"))
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "notes.txt").write_text("not VOC")
+    with pytest.raises(DataError, match="No PASCAL VOC 2012 data"):
+        voc.load("train", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
