@@ -1,0 +1,447 @@
+"""Whole-image, sliding-window and multi-scale + flip inference, and dataset evaluation.
+
+The FCN paper evaluates whole images at their native size in one forward pass
+(fully convolutional nets take any input size; CVPR 2015 section 4) and scores
+them with the four metrics of section 5 (`kfcn.metrics`). Two test-time
+variants common in later work are provided as options:
+
+- `predict_slide`: overlapping `crop_size` windows, for models trained on crops
+  or images too large for memory. The windows' *logits* are averaged where they
+  overlap (as mmsegmentation's slide inference does), so the result is a logits
+  map like `predict_whole`'s and can be fed to the multi-scale mode.
+- `predict_msflip`: the image resized by each scale (and mirrored), softmax
+  probabilities resized back to the native size and averaged.
+
+Predictions are reduced with `tf.argmax` (not `keras.ops.argmax`, which emits an
+op TFLite cannot convert; kept consistent across the package).
+
+Example:
+    ```python
+    model = kfcn.load_model("fcn8s.keras")
+    dataset, info = kfcn.data.load_dataset("camvid", "val", data_dir="/data/camvid")
+    results = kfcn.evaluation.evaluate(model, dataset, info, mode="whole")
+    print(kfcn.evaluation.format_results(results))
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kfcn import metrics
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "MODES",
+    "check_num_classes",
+    "evaluate",
+    "format_results",
+    "predict",
+    "predict_msflip",
+    "predict_slide",
+    "predict_whole",
+    "write_results_json",
+]
+
+_LOG = logging.getLogger(__name__)
+
+MODES = ("whole", "slide", "msflip")
+DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# Padding colour for slide windows: the ImageNet mean RGB, as in kfcn.data's train
+# pipeline, so padded pixels are (close to) zero after the model's mean subtraction.
+PAD_RGB = (123.68, 116.78, 103.94)
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or any(int(v) < 1 for v in pair):
+        raise ValueError(
+            f"`{name}` must be a positive int or (height, width). Received: {name}={value!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def _image_batch(image: Any) -> tf.Tensor:
+    """[H, W, 3] or [1, H, W, 3], any numeric dtype -> float32 [1, H, W, 3]."""
+    image = tf.convert_to_tensor(image)
+    if image.shape.rank == 3:
+        image = image[tf.newaxis]
+    if image.shape.rank != 4 or image.shape[0] != 1 or image.shape[-1] != 3:
+        raise ValueError(
+            f"`image` must be [H, W, 3] or [1, H, W, 3]. Received shape {tuple(image.shape)}"
+        )
+    return tf.cast(image, tf.float32)
+
+
+def _model_classes(model: keras.Model) -> int | None:
+    try:
+        shape = model.output_shape
+    except (AttributeError, ValueError):
+        return None
+    return shape[-1] if isinstance(shape, tuple) else None
+
+
+def _forward(model: keras.Model, batch: tf.Tensor) -> tf.Tensor:
+    logits = model(batch, training=False)
+    if isinstance(logits, (list, tuple, dict)):
+        raise ValueError(
+            f"`model` must have a single output (logits). Received {type(logits).__name__}"
+        )
+    if logits.shape.rank != 4 or tuple(logits.shape[1:3]) != tuple(batch.shape[1:3]):
+        raise ValueError(
+            "`model` must return logits [b, H, W, num_classes] at the input's size. "
+            f"Input shape {tuple(batch.shape)}, output shape {tuple(logits.shape)}"
+        )
+    return tf.cast(logits, tf.float32)
+
+
+def predict_whole(model: keras.Model, image: Any) -> tf.Tensor:
+    """One forward pass on the whole image at its native size (the FCN paper's test mode).
+
+    Args:
+        model: Keras model mapping RGB 0..255 images [b, H, W, 3] to logits [b, H, W, C].
+        image: [H, W, 3] or [1, H, W, 3] image, values 0..255.
+
+    Returns:
+        float32 logits [H, W, C].
+    """
+    return _forward(model, _image_batch(image))[0]
+
+
+def _window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window offsets every `stride` plus one flush with the end, so [0, length) is covered."""
+    last = max(length - crop, 0)
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def predict_slide(
+    model: keras.Model,
+    image: Any,
+    crop_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    num_classes: int | None = None,
+    batch_size: int = 4,
+) -> tf.Tensor:
+    """Sliding-window inference with overlapping windows; logits averaged.
+
+    The image is padded at the bottom/right with the ImageNet mean colour up to at
+    least `crop_size`. Windows start every `stride` pixels, plus one window flush
+    with the bottom/right edge, so every pixel is covered at least once. Each pixel's
+    logits are the mean of the logits of the windows covering it (every covering
+    window weighs 1; the count map divides). The padding is cropped away.
+
+    Args:
+        model: Keras model mapping RGB 0..255 images to logits [b, h, w, C].
+        image: [H, W, 3] or [1, H, W, 3] image.
+        crop_size: Window size, int or (height, width).
+        stride: Window step, int or (height, width); default 2/3 of `crop_size`
+            (rounded up), so neighbouring windows overlap by about a third.
+        num_classes: C; checked against the model output (default: taken from it).
+        batch_size: Windows per forward pass.
+
+    Returns:
+        float32 logits [H, W, C].
+    """
+    crop_h, crop_w = _pair(crop_size, "crop_size")
+    if stride is None:
+        stride = (math.ceil(crop_h * 2 / 3), math.ceil(crop_w * 2 / 3))
+    stride_h, stride_w = _pair(stride, "stride")
+    if stride_h > crop_h or stride_w > crop_w:
+        raise ValueError(
+            "`stride` must not exceed `crop_size` (windows would skip pixels). "
+            f"Received: stride={stride!r}, crop_size={crop_size!r}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
+    batch = _image_batch(image)
+    height, width = int(batch.shape[1]), int(batch.shape[2])
+    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+    if pad_h or pad_w:
+        # Zero-pad the image minus the pad colour, then add it back: pads with PAD_RGB.
+        pad_rgb = tf.constant(PAD_RGB, tf.float32)
+        batch = tf.pad(batch - pad_rgb, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]]) + pad_rgb
+    full_h, full_w = height + pad_h, width + pad_w
+    boxes = [
+        (y, x)
+        for y in _window_starts(full_h, crop_h, stride_h)
+        for x in _window_starts(full_w, crop_w, stride_w)
+    ]
+    logits_sum = None
+    count = np.zeros((full_h, full_w, 1), np.float32)
+    for first in range(0, len(boxes), batch_size):
+        chunk = boxes[first : first + batch_size]
+        windows = tf.concat([batch[:, y : y + crop_h, x : x + crop_w] for y, x in chunk], 0)
+        out = _forward(model, windows).numpy()
+        if logits_sum is None:
+            channels = out.shape[-1]
+            if num_classes is not None and channels != num_classes:
+                raise ValueError(
+                    f"`model` outputs {channels} classes but num_classes={num_classes}"
+                )
+            logits_sum = np.zeros((full_h, full_w, channels), np.float32)
+        for (y, x), window in zip(chunk, out, strict=True):
+            logits_sum[y : y + crop_h, x : x + crop_w] += window
+            count[y : y + crop_h, x : x + crop_w] += 1.0
+    return tf.constant((logits_sum / count)[:height, :width])
+
+
+def predict_msflip(
+    model: keras.Model,
+    image: Any,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+) -> tf.Tensor:
+    """Multi-scale (and horizontally mirrored) inference; probabilities averaged.
+
+    For each scale s the image is resized (bilinear) to round(s * H) x round(s * W),
+    predicted (whole, or sliding windows when `crop_size` is given), turned into
+    softmax probabilities, resized (bilinear) back to H x W, and averaged over all
+    scales, and over the mirrored image (its prediction mirrored back) if `flip`.
+
+    Args:
+        model: Keras model mapping RGB 0..255 images to logits.
+        image: [H, W, 3] or [1, H, W, 3] image.
+        scales: Resize factors, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75).
+        flip: Also predict the left-right mirrored image.
+        crop_size: If given, each scale is predicted with `predict_slide`.
+        stride: Window stride for `predict_slide`.
+
+    Returns:
+        float32 probabilities [H, W, C] (sum to 1 over C).
+    """
+    scales = [float(s) for s in scales]
+    if not scales or any(not s > 0 for s in scales):
+        raise ValueError(f"`scales` must be positive numbers. Received: scales={scales!r}")
+    batch = _image_batch(image)
+    height, width = int(batch.shape[1]), int(batch.shape[2])
+    total = None
+    views = 0
+    for scale in scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = batch if size == (height, width) else tf.image.resize(batch, size, "bilinear")
+        for mirrored in (False, True) if flip else (False,):
+            view = tf.reverse(scaled, axis=[2]) if mirrored else scaled
+            if crop_size is None:
+                logits = predict_whole(model, view)
+            else:
+                logits = predict_slide(model, view, crop_size, stride)
+            probs = tf.nn.softmax(logits, axis=-1)
+            if mirrored:
+                probs = tf.reverse(probs, axis=[1])
+            if size != (height, width):
+                probs = tf.image.resize(probs, (height, width), "bilinear")
+            total = probs if total is None else total + probs
+            views += 1
+    return total / views
+
+
+def predict(
+    model: keras.Model,
+    image: Any,
+    mode: str = "whole",
+    *,
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+) -> tf.Tensor:
+    """Class scores [H, W, C] for one image with the given test mode.
+
+    "whole" and "slide" return logits, "msflip" probabilities; either way
+    `tf.argmax(..., axis=-1)` gives the predicted classes. In "msflip" mode a
+    `crop_size` makes each scale use sliding windows.
+    """
+    if mode == "whole":
+        return predict_whole(model, image)
+    if mode == "slide":
+        if crop_size is None:
+            raise ValueError("mode='slide' needs `crop_size`. Received: crop_size=None")
+        return predict_slide(model, image, crop_size, stride)
+    if mode == "msflip":
+        return predict_msflip(model, image, scales, flip, crop_size=crop_size, stride=stride)
+    raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
+
+
+def check_num_classes(model: keras.Model, num_classes: int) -> None:
+    """Raises ValueError if the model's output channels differ from `num_classes`."""
+    channels = _model_classes(model)
+    if channels is not None and channels != num_classes:
+        raise ValueError(
+            f"The model outputs {channels} classes but the dataset has "
+            f"num_classes={num_classes}. Evaluate with a model trained for this dataset "
+            "(or, for a folder dataset, pass its real number of classes)."
+        )
+
+
+def _unpack(element: Any) -> tuple[Any, Any, str]:
+    if isinstance(element, dict):
+        image, label, name = element["image"], element["label"], element.get("name", b"")
+    else:  # (image, label[, name]) tuples, e.g. kfcn.data.pipeline.eval_pipeline
+        image, label = element[0], element[1]
+        name = element[2] if len(element) > 2 else b""
+    label = np.asarray(label)
+    if label.ndim == 3 and label.shape[0] == 1:
+        label = label[0]
+    name = np.asarray(name).ravel()
+    name = name[0] if name.size else b""
+    return image, label, name.decode() if isinstance(name, bytes) else str(name)
+
+
+def evaluate(
+    model: keras.Model,
+    dataset: Any,
+    info: Any,
+    mode: str = "whole",
+    *,
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+    max_images: int | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluates a model on a dataset with the FCN metrics.
+
+    Args:
+        model: Keras model mapping RGB 0..255 images to logits [b, H, W, C].
+        dataset: Iterable of {"image", "label", "name"} dicts (as from
+            `kfcn.data.load_dataset`) or of (image, label[, name]) tuples, one image each.
+        info: Object with `num_classes`, `ignore_label` and `class_names`
+            (`kfcn.data.DatasetInfo`).
+        mode: "whole", "slide" or "msflip" (see `predict`).
+        crop_size: Window size for "slide" (and optionally "msflip").
+        stride: Window stride (default 2/3 of `crop_size`).
+        scales: Scales for "msflip".
+        flip: Mirror images in "msflip".
+        max_images: Stop after this many images.
+        progress: Called as progress(images_done, name) after each image.
+
+    Returns:
+        Dict with `pixel_accuracy`, `mean_accuracy`, `mean_iou`,
+        `frequency_weighted_iou` (floats), `iou` and `accuracy` (dicts class name ->
+        float, NaN where undefined, see `kfcn.metrics.scores`), `num_images`,
+        `seconds`, `seconds_per_image`, `confusion_matrix` (list of lists, rows =
+        ground truth) and the test settings (`mode`, `crop_size`, `stride`,
+        `scales`, `flip`).
+
+    Raises:
+        ValueError: bad `mode`, or model and dataset disagree on the number of classes.
+    """
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
+    if mode == "slide" and crop_size is None:
+        raise ValueError("mode='slide' needs `crop_size`. Received: crop_size=None")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"`max_images` must be >= 1. Received: max_images={max_images}")
+    num_classes = int(info.num_classes)
+    check_num_classes(model, num_classes)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    count = 0
+    start = time.perf_counter()
+    for element in dataset:
+        if max_images is not None and count >= max_images:
+            break
+        image, label, name = _unpack(element)
+        class_scores = predict(
+            model, image, mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip
+        )
+        if class_scores.shape[-1] != num_classes:
+            raise ValueError(
+                f"The model outputs {class_scores.shape[-1]} classes but the dataset has "
+                f"num_classes={num_classes}"
+            )
+        prediction = tf.argmax(class_scores, axis=-1, output_type=tf.int32).numpy()
+        if label.shape != prediction.shape:
+            raise ValueError(
+                f"Image {name!r}: label shape {label.shape} differs from the prediction "
+                f"shape {prediction.shape}"
+            )
+        confusion += metrics.confusion_matrix(
+            label, prediction, num_classes, ignore_label=int(info.ignore_label)
+        )
+        count += 1
+        if progress is not None:
+            progress(count, name)
+    seconds = time.perf_counter() - start
+    if count == 0:
+        _LOG.warning("evaluate() saw no images; all scores are NaN")
+    scores = metrics.scores(confusion)
+    names = list(info.class_names)
+    return {
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "mean_accuracy": scores["mean_accuracy"],
+        "mean_iou": scores["mean_iou"],
+        "frequency_weighted_iou": scores["frequency_weighted_iou"],
+        "iou": dict(zip(names, scores["iou"], strict=True)),
+        "accuracy": dict(zip(names, scores["accuracy"], strict=True)),
+        "num_images": count,
+        "seconds": seconds,
+        "seconds_per_image": seconds / count if count else math.nan,
+        "mode": mode,
+        "crop_size": None if crop_size is None else list(_pair(crop_size, "crop_size")),
+        "stride": None if stride is None else list(_pair(stride, "stride")),
+        "scales": [float(s) for s in scales] if mode == "msflip" else None,
+        "flip": bool(flip) if mode == "msflip" else None,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+_HEADLINE = (
+    ("pixel_accuracy", "pixel accuracy"),
+    ("mean_accuracy", "mean accuracy"),
+    ("mean_iou", "mean IU"),
+    ("frequency_weighted_iou", "f.w. IU"),
+)
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The four metrics and a per-class IU table as text (values in percent)."""
+
+    def pct(value: float) -> str:
+        return "   n/a" if value is None or math.isnan(value) else f"{100 * value:6.2f}"
+
+    lines = [f"{label:>16}: {pct(results[key])}" for key, label in _HEADLINE]
+    width = max([len("class")] + [len(n) for n in results["iou"]])
+    lines += ["", f"{'class':<{width}}  IU (%)  acc (%)"]
+    for name, iou in results["iou"].items():
+        lines.append(f"{name:<{width}}  {pct(iou)}  {pct(results['accuracy'][name])}")
+    lines.append(
+        f"\n{results['num_images']} images in {results['seconds']:.1f} s "
+        f"(mode={results['mode']})"
+    )
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; undefined scores become null
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_results_json(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes `evaluate`'s results as JSON, NaN (undefined scores) as null."""
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
+        f.write("\n")
