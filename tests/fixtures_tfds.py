@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 import scipy.io
+import scipy.sparse
 from PIL import Image
 
 H, W = 20, 30
@@ -85,12 +86,17 @@ def make_voc(
 
 
 def write_sbd_mat(path: str, segmentation: np.ndarray) -> None:
-    """Writes an SBD `cls/*.mat`: struct GTcls with Segmentation, Boundaries, CategoriesPresent."""
+    """Writes an SBD `cls/*.mat`: struct GTcls with Segmentation, Boundaries, CategoriesPresent.
+
+    As in the real files, Boundaries is a 20x1 cell of sparse matrices (one per class).
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     present = np.unique(segmentation[(segmentation > 0) & (segmentation < 255)])
     boundaries = np.empty((20, 1), dtype=object)
     for k in range(20):
-        boundaries[k, 0] = np.zeros(segmentation.shape, np.uint8)
+        edge = np.zeros(segmentation.shape, np.uint8)
+        edge[0, k % segmentation.shape[1]] = 1
+        boundaries[k, 0] = scipy.sparse.csc_matrix(edge)
     gtcls = {
         "Segmentation": segmentation.astype(np.uint8),
         "Boundaries": boundaries,

@@ -40,8 +40,10 @@ def test_fixture_has_the_real_mat_layout(prepared):
     _, manual, sbd_labels, _ = prepared
     path = os.path.join(manual, "benchmark_RELEASE", "dataset", "cls", SBD_TRAIN[0] + ".mat")
     # The indexing commonly used on the real files.
-    seg = scipy.io.loadmat(path)["GTcls"][0]["Segmentation"][0]
+    mat = scipy.io.loadmat(path)
+    seg = mat["GTcls"][0]["Segmentation"][0]
     np.testing.assert_array_equal(seg, sbd_labels[SBD_TRAIN[0]])
+    assert mat["GTcls"][0]["Boundaries"][0][3][0].toarray().shape == (fx.H, fx.W)
     np.testing.assert_array_equal(sbd.read_sbd_label(path), sbd_labels[SBD_TRAIN[0]])
 
 
