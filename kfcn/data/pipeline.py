@@ -1,11 +1,13 @@
 """tf.data input pipelines: augmented fixed-size training batches and native-size evaluation.
 
 Training (`train_pipeline`): shard per input pipeline (`tf.distribute.InputContext`), shuffle
-(reshuffled every epoch), repeat, then in one parallel map: decode, optional photometric jitter,
-random scale (bilinear for the image, nearest for the label so label values stay class indices),
-pad to the crop size (image with the ImageNet mean, label with the ignore label, so padding is
-neutral after the model's mean subtraction and excluded from the loss), random crop, random
-horizontal flip; then fixed-size batches and AUTOTUNE prefetching.
+(reshuffled every epoch), repeat, then in one parallel map: decode, random scale (bilinear for the
+image, nearest for the label so label values stay class indices) with random crop, optional
+photometric jitter, padding to the crop size where the scaled image is smaller (image with the
+ImageNet mean, label with the ignore label, so padding is neutral after the model's mean
+subtraction and excluded from the loss), random horizontal flip; then fixed-size batches and
+AUTOTUNE prefetching. The crop window is cut from the source image before resizing, so upscaling
+costs no more than resizing one crop.
 
 The FCN paper (Long et al., CVPR 2015, Sec. 4.3) trains on whole images and reports that
 random jittering by mirroring and translating up to 32 pixels gave no improvement; random scale
@@ -112,21 +114,32 @@ def _augment_fn(
         seeds = tf.random.experimental.stateless_split(
             tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)]), num=10
         )
-        image = tf.cast(element["image"], tf.float32)
-        label = element["label"]
-        if photometric:
-            image = _photometric(image, seeds[:4])
+        image, label = element["image"], element["label"]
+        height, width = tf.shape(label)[0], tf.shape(label)[1]
+        scale = tf.random.stateless_uniform([], seeds[4], lo, hi)
+        # Cut the source window that covers one crop at this scale before resizing, so a 2x
+        # upscale resizes a crop-sized region instead of the whole image (same distribution as
+        # rescale-then-crop, up to rounding, at a fraction of the cost).
+        win_h = tf.minimum(height, tf.cast(tf.math.ceil(crop_h / scale), tf.int32))
+        win_w = tf.minimum(width, tf.cast(tf.math.ceil(crop_w / scale), tf.int32))
+        y = tf.random.stateless_uniform([], seeds[7], 0, height - win_h + 1, dtype=tf.int32)
+        x = tf.random.stateless_uniform([], seeds[9], 0, width - win_w + 1, dtype=tf.int32)
+        image = tf.cast(image[y : y + win_h, x : x + win_w], tf.float32)
+        label = label[y : y + win_h, x : x + win_w]
         if (lo, hi) != (1.0, 1.0):
-            scale = tf.random.stateless_uniform([], seeds[4], lo, hi)
-            size = tf.cast(tf.shape(label), tf.float32) * scale
+            size = tf.cast(tf.stack([win_h, win_w]), tf.float32) * scale
             size = tf.maximum(tf.cast(tf.round(size), tf.int32), 1)
             image = tf.image.resize(image, size, method="bilinear")
             # Nearest keeps every label value an existing class or the ignore label.
             label = tf.image.resize(label[:, :, None], size, method="nearest")[:, :, 0]
+            # Rounding up the window can overshoot the crop by a pixel or so.
+            image, label = image[:crop_h, :crop_w], label[:crop_h, :crop_w]
+        if photometric:
+            image = _photometric(image, seeds[:4])
         height, width = tf.shape(label)[0], tf.shape(label)[1]
-        pad_h = tf.maximum(crop_h - height, 0)
-        pad_w = tf.maximum(crop_w - width, 0)
-        # Place a too-small image at a random position inside the crop window.
+        pad_h = crop_h - height
+        pad_w = crop_w - width
+        # Place a too-small image at a random position inside the crop.
         top = tf.random.stateless_uniform([], seeds[5], 0, pad_h + 1, dtype=tf.int32)
         left = tf.random.stateless_uniform([], seeds[6], 0, pad_w + 1, dtype=tf.int32)
         paddings = [[top, pad_h - top], [left, pad_w - left]]
@@ -134,11 +147,6 @@ def _augment_fn(
         inside = tf.pad(tf.ones([height, width, 1], tf.float32), paddings + [[0, 0]])
         image = tf.pad(image, paddings + [[0, 0]]) + (1.0 - inside) * mean_rgb
         label = tf.pad(tf.cast(label, tf.int32), paddings, constant_values=ignore_label)
-        height, width = tf.shape(label)[0], tf.shape(label)[1]
-        y = tf.random.stateless_uniform([], seeds[7], 0, height - crop_h + 1, dtype=tf.int32)
-        x = tf.random.stateless_uniform([], seeds[9], 0, width - crop_w + 1, dtype=tf.int32)
-        image = image[y : y + crop_h, x : x + crop_w]
-        label = label[y : y + crop_h, x : x + crop_w]
         if flip:
             mirror = tf.random.stateless_uniform([], seeds[8]) < 0.5
             image = tf.cond(mirror, lambda: tf.reverse(image, [1]), lambda: image)
