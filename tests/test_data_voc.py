@@ -95,6 +95,17 @@ def test_seg11valid_derived_from_voc2011_val_minus_sbd_train(tmp_path):
     assert sorted(_read_all(ds)) == ["2007_000033", "2009_000012"]
 
 
+def test_seg11valid_from_voc2011_alone(tmp_path):
+    """The authors' layout: seg11valid.txt in VOC2011/ImageSets/Segmentation, no VOC2012."""
+    manual = str(tmp_path / "manual")
+    labels = fx.make_voc(
+        manual, {"val": VAL, "seg11valid": ["2007_000042", "2009_000012"]}, year="VOC2011"
+    )
+    got = _read_all(voc.load("seg11valid", data_dir=str(tmp_path / "tfds"), manual_dir=manual))
+    assert sorted(got) == ["2007_000042", "2009_000012"]
+    np.testing.assert_array_equal(got["2009_000012"]["label"], labels["2009_000012"])
+
+
 def test_seg11valid_without_sources_names_needed_files(tmp_path):
     manual = str(tmp_path / "manual")
     fx.make_voc(manual, {"train": TRAIN, "val": VAL})

@@ -392,20 +392,20 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
-        root2012 = locate_voc2012(manual_dir, dl_manager)
         splits: dict[str, list[Example]] = {}
         if self.builder_config.name == "voc2012":
+            root2012 = locate_voc2012(manual_dir, dl_manager)
             for split in ("train", "val"):
                 list_file = os.path.join(root2012, "ImageSets", "Segmentation", split + ".txt")
                 ids = read_id_list(list_file)
                 splits[split] = voc_examples(root2012, unique(ids))
         else:
             ids = seg11valid_ids(manual_dir)
-            # VOC2012 holds every VOC2011 segmentation image with the same mask, so the 2011
-            # folder is optional.
+            # VOC2012 holds every VOC2011 segmentation image with the same mask, so either
+            # year's folder will do.
             root = _voc2011_root(manual_dir)
             if root is None or not os.path.isdir(os.path.join(root, "SegmentationClass")):
-                root = root2012
+                root = locate_voc2012(manual_dir, dl_manager)
             splits["seg11valid"] = voc_examples(root, unique(ids))
         for split, examples in splits.items():
             require_files(all_paths(examples), f"VOC split {split!r}")
