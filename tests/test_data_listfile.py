@@ -285,3 +285,13 @@ def test_real_camvid_counts_and_shapes():
         assert element["image"].shape == (360, 480, 3) and element["label"].shape == (360, 480)
         values = set(np.unique(element["label"].numpy()).tolist())
         assert values <= set(range(11)) | {255}
+
+
+def test_names_fall_back_to_paths_when_stems_collide(tmp_path):
+    for folder in ("a", "b"):
+        os.makedirs(tmp_path / folder)
+        Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / folder / "x.png")
+        Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / folder / "x_label.png")
+    (tmp_path / "train.txt").write_text("a/x.png a/x_label.png\nb/x.png b/x_label.png\n")
+    dataset, _ = load_folder("train", tmp_path, num_classes=1)
+    assert [e["name"] for e in _elements(dataset)] == [b"a/x", b"b/x"]

@@ -239,3 +239,29 @@ def test_argument_checks(tmp_path):
         train_pipeline(dataset, global_batch_size=1, crop_size=(0, 4))
     with pytest.raises(ValueError, match="scale_range"):
         train_pipeline(dataset, global_batch_size=1, scale_range=(2.0, 1.0))
+
+
+def test_sharding_happens_before_decoding(tmp_path):
+    """A pipeline never decodes another pipeline's files: a bad file only breaks its own shard."""
+    images = [np.full((4, 4, 3), i, np.uint8) for i in range(4)]
+    labels = [np.zeros((4, 4), np.uint8)] * 4
+    labels[1] = np.full((4, 4), 99, np.uint8)  # not a class: fails when decoded
+    write_folder(tmp_path, images, labels)
+    # validate="none" leaves the label check to decoding time.
+    dataset, _ = load_dataset(
+        "folder", "train", data_dir=str(tmp_path), num_classes=NUM_CLASSES, validate="none"
+    )
+
+    def pipeline(pipeline_id):
+        context = tf.distribute.InputContext(2, pipeline_id, 2)
+        return train_pipeline(
+            dataset,
+            global_batch_size=2,
+            crop_size=(4, 4),
+            scale_range=(1, 1),
+            input_context=context,
+        )
+
+    assert _image_ids(pipeline(0), 4) == {0, 2}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"lab1\.png"):
+        _image_ids(pipeline(1), 4)
