@@ -1,0 +1,304 @@
+"""SavedModel export with serving signatures that take images or encoded bytes.
+
+Signatures (TF Model Garden style, one per input type):
+
+- `serving_default`: `images`, uint8 [batch, height, width, 3], any height/width.
+- `serving_bytes`: `image_bytes`, string [batch] of encoded JPEG or PNG images, all
+  of one size per request. Grayscale images are replicated to RGB, the alpha
+  channel of RGBA images is dropped.
+
+Both return `class_ids` (int32 [batch, height, width], the per-pixel argmax at
+exactly the input size) and, unless disabled, `probabilities` (float32 [batch,
+height, width, num_classes], softmax of the logits). The kfcn model carries its
+preprocessing, so the graph takes 0..255 RGB as is.
+
+Bad requests fail inside the graph with `tf.debugging.assert_*`, so TensorFlow
+Serving answers INVALID_ARGUMENT with a readable message: wrong channel count,
+0-pixel images, images above `max_pixels`, empty strings, bytes that are neither
+JPEG nor PNG, images of different sizes in one request. The channel dimension of
+`images` is left unknown in the signature on purpose: a static 3 would let the
+graph optimizer fold the channel check away, and TensorFlow Serving does not check
+fed shapes against the signature.
+
+Loading needs TensorFlow only (no kfcn import):
+
+    >>> serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    >>> serve(images=tf.zeros([1, 360, 480, 3], tf.uint8))["class_ids"].shape
+    TensorShape([1, 360, 480])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from kfcn.export.artifacts import atomic_output, check_segmentation_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+SIGNATURE_IMAGES = "serving_default"
+SIGNATURE_BYTES = "serving_bytes"
+INPUT_IMAGES = "images"
+INPUT_BYTES = "image_bytes"
+OUTPUT_CLASS_IDS = "class_ids"
+OUTPUT_PROBABILITIES = "probabilities"
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _serving_module_class():
+    import tensorflow as tf
+
+    class SegmentationServingModule(tf.Module):
+        """Holds the Keras model and the two serving functions."""
+
+        def __init__(self, model, include_probabilities: bool, max_pixels: int):
+            super().__init__(name="kfcn_serving")
+            self.model = model
+            self._include_probabilities = include_probabilities
+            self._max_pixels = int(max_pixels)
+            self.serving_default = tf.function(
+                self._serve_images,
+                input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, INPUT_IMAGES)],
+            )
+            self.serving_bytes = tf.function(
+                self._serve_bytes,
+                input_signature=[tf.TensorSpec([None], tf.string, INPUT_BYTES)],
+            )
+
+        def _check_size(self, height, width, what: str):
+            pixels = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
+            return [
+                tf.debugging.assert_positive(
+                    height, message=f"{what}: image height must be >= 1 (0-pixel image)"
+                ),
+                tf.debugging.assert_positive(
+                    width, message=f"{what}: image width must be >= 1 (0-pixel image)"
+                ),
+                tf.debugging.assert_less_equal(
+                    pixels,
+                    tf.constant(self._max_pixels, tf.int64),
+                    message=(
+                        f"{what}: image has more pixels (height*width) than the limit "
+                        f"max_pixels={self._max_pixels} set at export"
+                    ),
+                ),
+            ]
+
+        def _segment(self, images):
+            logits = self.model(tf.cast(images, tf.float32), training=False)
+            # tf.argmax, not keras.ops.argmax: the latter lowers to ops TFLite and
+            # some serving stacks handle badly.
+            outputs = {OUTPUT_CLASS_IDS: tf.argmax(logits, axis=-1, output_type=tf.int32)}
+            if self._include_probabilities:
+                outputs[OUTPUT_PROBABILITIES] = tf.nn.softmax(tf.cast(logits, tf.float32), -1)
+            return outputs
+
+        def _serve_images(self, images):
+            shape = tf.shape(images)
+            checks = [
+                tf.debugging.assert_equal(
+                    shape[3],
+                    3,
+                    message="`images` must be RGB: uint8 [batch, height, width, 3]; the last "
+                    "dimension is not 3",
+                ),
+                *self._check_size(shape[1], shape[2], "`images`"),
+            ]
+            with tf.control_dependencies(checks):
+                images = tf.ensure_shape(tf.identity(images), [None, None, None, 3])
+            return self._segment(images)
+
+        def _header_size(self, args):
+            index, data = args
+            length = tf.strings.length(data)
+            is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), _JPEG_MAGIC)
+            is_png = tf.equal(tf.strings.substr(data, 0, 8), _PNG_MAGIC)
+            checks = [
+                tf.debugging.Assert(
+                    length > 0,
+                    [
+                        "`image_bytes` holds an empty string; expected an encoded JPEG or PNG "
+                        "image. Index:",
+                        index,
+                    ],
+                ),
+                tf.debugging.Assert(
+                    tf.logical_or(is_jpeg, is_png),
+                    [
+                        "`image_bytes` element is not a JPEG or PNG image (unknown file "
+                        "signature). Index:",
+                        index,
+                    ],
+                ),
+            ]
+            with tf.control_dependencies(checks):
+
+                def png_size():
+                    with tf.control_dependencies([
+                        tf.debugging.Assert(
+                            length >= 24, ["`image_bytes`: truncated PNG header. Index:", index]
+                        )
+                    ]):
+                        # IHDR: big-endian width then height at bytes 16..24.
+                        wh = tf.io.decode_raw(
+                            tf.strings.substr(data, 16, 8), tf.int32, little_endian=False
+                        )
+                    return tf.cast(tf.reverse(wh, [0]), tf.int64)
+
+                def jpeg_size():
+                    return tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)
+
+                size = tf.cond(is_jpeg, jpeg_size, png_size)
+            return size
+
+        def _decode(self, data):
+            image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+            return tf.ensure_shape(image, [None, None, 3])
+
+        def _serve_bytes(self, image_bytes):
+            count = tf.shape(image_bytes, out_type=tf.int64)[0]
+            indices = tf.range(count)
+            sizes = tf.map_fn(
+                self._header_size,
+                (indices, image_bytes),
+                fn_output_signature=tf.TensorSpec([2], tf.int64),
+            )
+            checks = [
+                tf.debugging.assert_equal(
+                    sizes,
+                    tf.broadcast_to(sizes[:1], tf.shape(sizes)),
+                    message="all images of one `image_bytes` request must have the same height "
+                    "and width; send images of other sizes in separate requests",
+                ),
+                *self._check_size(sizes[:, 0], sizes[:, 1], "`image_bytes`"),
+            ]
+            with tf.control_dependencies(checks):
+                images = tf.map_fn(
+                    self._decode,
+                    tf.identity(image_bytes),
+                    fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+                )
+            return self._segment(images)
+
+    return SegmentationServingModule
+
+
+def build_serving_module(
+    model, *, include_probabilities: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+):
+    """Wraps a kfcn model in a tf.Module with the `images` and `image_bytes` functions.
+
+    Args:
+        model: A kfcn segmentation keras.Model (0..255 RGB in, logits out).
+        include_probabilities: Also return the softmax probabilities.
+        max_pixels: Largest height*width accepted per image.
+
+    Returns:
+        A tf.Module with tf.functions `serving_default` and `serving_bytes`.
+
+    Raises:
+        ValueError: If `model` is not a kfcn model or `max_pixels` < 1.
+    """
+    check_segmentation_model(model)
+    if int(max_pixels) < 1:
+        raise ValueError(f"`max_pixels` must be >= 1. Received: max_pixels={max_pixels}")
+    return _serving_module_class()(model, include_probabilities, max_pixels)
+
+
+def signatures_of(module) -> dict:
+    """The concrete functions to save as the SavedModel's signatures."""
+    return {
+        SIGNATURE_IMAGES: module.serving_default.get_concrete_function(),
+        SIGNATURE_BYTES: module.serving_bytes.get_concrete_function(),
+    }
+
+
+def write_saved_model(
+    model,
+    directory: str | os.PathLike,
+    *,
+    include_probabilities: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Writes the SavedModel into `directory` (no atomicity; see export_saved_model)."""
+    import tensorflow as tf
+
+    module = build_serving_module(
+        model, include_probabilities=include_probabilities, max_pixels=max_pixels
+    )
+    tf.saved_model.save(module, os.fspath(directory), signatures=signatures_of(module))
+
+
+def verify_saved_model(directory: str | os.PathLike, include_probabilities: bool = True) -> None:
+    """Reloads a SavedModel and runs both signatures on a small image.
+
+    Raises:
+        RuntimeError: If a signature is missing or returns the wrong shapes.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(os.fspath(directory))
+    missing = {SIGNATURE_IMAGES, SIGNATURE_BYTES} - set(loaded.signatures)
+    if missing:
+        raise RuntimeError(f"SavedModel {directory!r} lacks signatures {sorted(missing)}")
+    image = np.zeros((1, 37, 45, 3), np.uint8)
+    encoded = tf.io.encode_png(image[0])
+    results = {
+        SIGNATURE_IMAGES: loaded.signatures[SIGNATURE_IMAGES](images=tf.constant(image)),
+        SIGNATURE_BYTES: loaded.signatures[SIGNATURE_BYTES](image_bytes=tf.reshape(encoded, [1])),
+    }
+    for name, outputs in results.items():
+        if tuple(outputs[OUTPUT_CLASS_IDS].shape) != (1, 37, 45):
+            raise RuntimeError(
+                f"SavedModel {directory!r}: {name} returned class_ids of shape "
+                f"{tuple(outputs[OUTPUT_CLASS_IDS].shape)} for a 37x45 image"
+            )
+        if include_probabilities != (OUTPUT_PROBABILITIES in outputs):
+            raise RuntimeError(f"SavedModel {directory!r}: {name} outputs {sorted(outputs)}")
+
+
+def export_saved_model(
+    model,
+    export_dir: str | os.PathLike,
+    *,
+    include_probabilities: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> str:
+    """Exports a kfcn model as a SavedModel with `images` and `image_bytes` signatures.
+
+    The SavedModel is written under a temporary name beside `export_dir` and
+    renamed into place when complete (and verified), so `export_dir` never holds a
+    partial export.
+
+    Args:
+        model: A kfcn segmentation keras.Model.
+        export_dir: Destination directory; must not exist unless `overwrite`.
+        include_probabilities: Also return per-class probabilities (large: H*W*C
+            floats per image); False returns `class_ids` only.
+        max_pixels: Largest height*width a request may send per image.
+        overwrite: Replace an existing `export_dir`.
+        verify: Reload the export and run both signatures before publishing it.
+
+    Returns:
+        The absolute path of the SavedModel directory.
+
+    Raises:
+        ValueError: If `model` is not a kfcn model.
+        FileExistsError: If `export_dir` exists and `overwrite` is False.
+    """
+    check_segmentation_model(model)
+    export_dir = os.path.abspath(os.fspath(export_dir))
+    with atomic_output(export_dir, overwrite=overwrite) as tmp:
+        write_saved_model(
+            model, tmp, include_probabilities=include_probabilities, max_pixels=max_pixels
+        )
+        if verify:
+            verify_saved_model(tmp, include_probabilities)
+    logger.info("Wrote SavedModel %s", export_dir)
+    return export_dir
