@@ -168,7 +168,7 @@ def train_pipeline(
     photometric: bool = False,
     ignore_label: int = 255,
     input_context: tf.distribute.InputContext | None = None,
-    shuffle_buffer: int = 1000,
+    shuffle_buffer: int = 512,
     seed: int | None = None,
     deterministic: bool | None = None,
     mean: Sequence[float] = MEAN_RGB,
@@ -186,8 +186,9 @@ def train_pipeline(
         ignore_label: label value of padding (and of the dataset's void pixels).
         input_context: from `strategy.distribute_datasets_from_function`; shards the data by
             `input_pipeline_id` of `num_input_pipelines` and batches per replica.
-        shuffle_buffer: buffer of decoded elements for datasets without a file table (file-table
-            datasets shuffle all file names instead).
+        shuffle_buffer: buffer of decoded elements for datasets without a file table, e.g. tfds
+            (512 VOC-sized images hold about 300 MB); file-table datasets shuffle all their file
+            names instead, before decoding.
         seed: makes shuffling and augmentation reproducible (with `deterministic`).
         deterministic: keep element order under parallel decoding. Default: True when `seed` is
             given, else False (slightly faster).
