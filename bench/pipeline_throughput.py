@@ -23,11 +23,16 @@ from kfcn.data import load_dataset
 from kfcn.data.pipeline import eval_pipeline, train_pipeline
 
 
-def _time(iterator, batches: int) -> float:
-    start = time.perf_counter()
+def _time(iterator, batches: int) -> tuple[float, float]:
+    """Returns (wall seconds, process CPU seconds) for `batches` elements.
+
+    CPU seconds per image do not depend on what else runs on a shared machine; wall-clock
+    images/s do.
+    """
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(iterator)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main() -> None:
@@ -65,22 +70,23 @@ def main() -> None:
     iterator = iter(pipeline)
     _time(iterator, args.warmup_batches)
     batches = max(1, args.train_images // args.batch)
-    seconds = _time(iterator, batches)
+    seconds, cpu = _time(iterator, batches)
+    images = batches * args.batch
     print(
         f"train_pipeline: crop {args.crop[0]}x{args.crop[1]}, batch {args.batch}, "
         f"scale 0.5-2.0, flip, photometric={args.photometric}: "
-        f"{batches * args.batch / seconds:.1f} images/s ({batches * args.batch} images, "
-        f"{seconds:.2f} s)"
+        f"{images / seconds:.1f} images/s ({images} images, {seconds:.2f} s wall); "
+        f"{1000 * cpu / images:.1f} CPU-ms per image = {images / cpu:.1f} images per CPU-second"
     )
 
     del iterator, pipeline  # stop the training pipeline's background threads
     evaluation = iter(eval_pipeline(val))
     next(evaluation)  # warm-up: builds the graph and fills the prefetch buffer
     count = min(args.eval_images, val_info.num_examples - 1)
-    seconds = _time(evaluation, count)
+    seconds, cpu = _time(evaluation, count)
     print(
         f"eval_pipeline: native 360x480, one image per batch: {count / seconds:.1f} images/s "
-        f"({count} images, {seconds:.2f} s)"
+        f"({count} images, {seconds:.2f} s wall); {1000 * cpu / count:.1f} CPU-ms per image"
     )
 
 
