@@ -50,6 +50,7 @@ __all__ = [
     "predict_msflip",
     "predict_slide",
     "predict_whole",
+    "traced",
     "write_results_json",
 ]
 
@@ -91,6 +92,25 @@ def _model_classes(model: keras.Model) -> int | None:
     return shape[-1] if isinstance(shape, tuple) else None
 
 
+def traced(model: keras.Model) -> Callable[..., tf.Tensor]:
+    """Wraps `model` in one `tf.function` for repeated inference.
+
+    Eager calls of a Keras model run op by op; on the 2-core CPU used for
+    development an FCN-8s MobileNetV2 forward pass on a 360x480 image took about
+    0.07 s traced against 0.24-0.45 s eager (other jobs shared the CPU).
+    `reduce_retracing` makes the function generalise to unknown image sizes after
+    the second distinct shape instead of tracing every size. The result can be
+    passed as `model` to the `predict_*` functions (`evaluate` does this).
+    """
+    function = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+    def forward(images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        del training  # always inference
+        return function(images)
+
+    return forward
+
+
 def _forward(model: keras.Model, batch: tf.Tensor) -> tf.Tensor:
     logits = model(batch, training=False)
     if isinstance(logits, (list, tuple, dict)):
@@ -109,7 +129,8 @@ def predict_whole(model: keras.Model, image: Any) -> tf.Tensor:
     """One forward pass on the whole image at its native size (the FCN paper's test mode).
 
     Args:
-        model: Keras model mapping RGB 0..255 images [b, H, W, 3] to logits [b, H, W, C].
+        model: Keras model mapping RGB 0..255 images [b, H, W, 3] to logits
+            [b, H, W, C], or the callable returned by `traced(model)`.
         image: [H, W, 3] or [1, H, W, 3] image, values 0..255.
 
     Returns:
@@ -144,7 +165,8 @@ def predict_slide(
     window weighs 1; the count map divides). The padding is cropped away.
 
     Args:
-        model: Keras model mapping RGB 0..255 images to logits [b, h, w, C].
+        model: Keras model mapping RGB 0..255 images to logits [b, h, w, C]
+            (or `traced(model)`).
         image: [H, W, 3] or [1, H, W, 3] image.
         crop_size: Window size, int or (height, width).
         stride: Window step, int or (height, width); default 2/3 of `crop_size`
@@ -214,7 +236,7 @@ def predict_msflip(
     scales, and over the mirrored image (its prediction mirrored back) if `flip`.
 
     Args:
-        model: Keras model mapping RGB 0..255 images to logits.
+        model: Keras model mapping RGB 0..255 images to logits (or `traced(model)`).
         image: [H, W, 3] or [1, H, W, 3] image.
         scales: Resize factors, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75).
         flip: Also predict the left-right mirrored image.
@@ -350,6 +372,7 @@ def evaluate(
         raise ValueError(f"`max_images` must be >= 1. Received: max_images={max_images}")
     num_classes = int(info.num_classes)
     check_num_classes(model, num_classes)
+    model = traced(model)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     count = 0
     start = time.perf_counter()
