@@ -221,3 +221,16 @@ def test_check_pair_names_both_files():
     with pytest.raises(DataError, match=r"img\.png \(8x6\).*lab\.png \(8x5\)"):
         check_pair(np.zeros((6, 8, 3)), np.zeros((5, 8)), "img.png", "lab.png")
     check_pair(np.zeros((6, 8, 3)), np.zeros((6, 8)), "img.png", "lab.png")
+
+
+def test_read_header_truncated_jpeg(tmp_path):
+    Image.fromarray(_rgb(64, 64)).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DataError, match=r"cut\.jpg: truncated JPEG"):
+        read_header(tmp_path / "cut.jpg")
+    # Trailing bytes after the end-of-image marker are tolerated.
+    (tmp_path / "tail.jpg").write_bytes(data + b"\x00" * 100)
+    assert read_header(tmp_path / "tail.jpg").format == "JPEG"
+    with pytest.raises(DataError, match=r"cut\.jpg"):
+        read_image(tmp_path / "cut.jpg")

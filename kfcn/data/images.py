@@ -153,6 +153,8 @@ def read_header(
         bit_depth = 16
     else:
         bit_depth = 8
+    if fmt == "JPEG" and verify:
+        _check_jpeg_end(path)
     return ImageHeader(path, fmt, mode, width, height, bit_depth)
 
 
@@ -166,6 +168,21 @@ def _check_png_end(path: str) -> None:
         tail = f.read(12)
     if tail[4:8] != b"IEND":
         raise DataError(f"{path}: truncated PNG file (no IEND chunk at the end)")
+
+
+def _check_jpeg_end(path: str) -> None:
+    """A JPEG cut short lacks its end-of-image marker (PIL's verify does not check JPEG data).
+
+    Byte stuffing keeps 0xFFD9 out of the compressed data, so looking for the marker near the
+    end tolerates the trailing bytes some cameras append after it.
+    """
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(2, size - 1024))
+        tail = f.read()
+    if b"\xff\xd9" not in tail:
+        raise DataError(f"{path}: truncated JPEG file (no end-of-image marker)")
 
 
 def _load(im: Image.Image, path: str, what: str) -> None:
