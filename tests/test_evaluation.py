@@ -347,3 +347,28 @@ def test_recipe_end_to_end_on_a_saved_fcn8s(tmp_path):
         )
     np.testing.assert_array_equal(confusion, expected)
     assert "mean IU" in proc.stdout and "class_0" in proc.stdout
+
+
+def test_evaluate_accepts_eval_pipeline_batches():
+    from kfcn.data.pipeline import eval_pipeline
+
+    rng = np.random.default_rng(3)
+    image, cls = block_image(16, 24, 8, rng)
+    label = cls.copy()
+    label[:, :8] = 0  # the left third is labelled dark whatever R says
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {"image": image[None], "label": label[None], "name": np.array([b"one"])}
+    )
+    names = []
+    results = evaluation.evaluate(
+        red_threshold_model(),
+        eval_pipeline(dataset),
+        Info(2, 255, ("dark", "red")),
+        progress=lambda done, name: names.append((done, name)),
+    )
+    # In columns 0-7 the checkerboard is class 0 on rows 0-7 and class 1 (R = 255) on
+    # rows 8-15, so relabelling them 0 gives 8 * 8 = 64 pixels with gt 0 / prediction 1.
+    confusion = np.array(results["confusion_matrix"])
+    assert confusion[0, 1] == 64 and confusion[1, 0] == 0
+    assert confusion.sum() == 16 * 24 and np.trace(confusion) == 16 * 24 - 64
+    assert names == [(1, "one")]
