@@ -22,7 +22,19 @@ from kfcn.data.images import DataError, read_image, read_label
 if TYPE_CHECKING:
     import tensorflow as tf
 
-__all__ = ["DATASETS", "DataError", "DatasetInfo", "load_dataset", "read_image", "read_label"]
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DatasetInfo",
+    "eval_pipeline",
+    "load_dataset",
+    "read_image",
+    "read_label",
+    "train_pipeline",
+]
+
+# Imported on first use (PEP 562) so that `import kfcn.data` does not import TensorFlow.
+_LAZY_ATTRS = {"train_pipeline": "kfcn.data.pipeline", "eval_pipeline": "kfcn.data.pipeline"}
 
 DATASETS = ("camvid", "folder", "voc", "sbd", "cityscapes")
 # Datasets whose loader module (written separately) exposes `load()` and the class constants.
@@ -102,3 +114,9 @@ def _known_cardinality(dataset: tf.data.Dataset) -> int | None:
 
     n = int(dataset.cardinality())
     return n if n >= 0 and n != int(tf.data.INFINITE_CARDINALITY) else None
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_ATTRS:
+        return getattr(importlib.import_module(_LAZY_ATTRS[name]), name)
+    raise AttributeError(f"module 'kfcn.data' has no attribute {name!r}")
