@@ -234,3 +234,17 @@ def test_read_header_truncated_jpeg(tmp_path):
     assert read_header(tmp_path / "tail.jpg").format == "JPEG"
     with pytest.raises(DataError, match=r"cut\.jpg"):
         read_image(tmp_path / "cut.jpg")
+
+
+def test_read_label_low_bit_depth_gray_png_keeps_indices(tmp_path):
+    # A 4-bit grayscale PNG whose samples are class indices (PIL shows them stretched to 0..255).
+    values = np.array([[0, 1, 2, 3], [4, 5, 6, 15]], np.uint8)
+    packed = (values[:, 0::2] << 4 | values[:, 1::2]).astype(np.uint8)
+    write_raw_png(tmp_path / "g4.png", packed, colour_type=0, bit_depth=8)
+    # Rewrite IHDR as 4-bit, 4 pixels wide: the packed bytes hold two samples each.
+    data = bytearray((tmp_path / "g4.png").read_bytes())
+    ihdr = struct.pack(">IIBBBBB", 4, 2, 4, 0, 0, 0, 0)
+    data[8:33] = _png_chunk(b"IHDR", ihdr)
+    (tmp_path / "g4.png").write_bytes(bytes(data))
+    out = read_label(tmp_path / "g4.png", num_classes=16, ignore_label=255)
+    np.testing.assert_array_equal(out, values)

@@ -296,6 +296,10 @@ def read_label(
             values = np.asarray(im)
             if mode == "1":
                 values = values.astype(np.uint8)
+            elif mode == "L" and im.format == "PNG" and (depth := _png_bit_depth(path)) < 8:
+                # PIL stretches 2- and 4-bit gray samples to 0..255; a label's sample is the
+                # class index itself, so undo the stretch.
+                values = values // (255 // (2**depth - 1))
         elif palette is not None and mode in ("RGB", "RGBA"):
             rgb = np.asarray(im)[..., :3]
             values = _palette_to_index(rgb, palette, path)
