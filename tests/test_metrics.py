@@ -185,6 +185,44 @@ def test_streaming_metric_in_compiled_model_evaluate():
     np.testing.assert_array_equal(metric.confusion_matrix(), [[11, 0], [1, 23]])
 
 
+def test_streaming_metric_under_xla():
+    import tensorflow as tf
+
+    metric = metrics.ConfusionMatrixMetric(3)
+
+    @tf.function(jit_compile=True)
+    def step(labels, predictions):
+        metric.update_state(labels, predictions)
+
+    step(np.array([[[0, 1, 255], [2, 2, 1]]]), np.array([[[0, 2, 1], [2, 0, 1]]]))
+    # pairs: (0,0) (1,2) ignored (2,2) (2,0) (1,1)
+    np.testing.assert_array_equal(metric.confusion_matrix(), [[1, 0, 0], [0, 1, 1], [1, 0, 1]])
+
+
+def test_compiled_model_with_kfcn_loss_and_metric_saves_and_loads(tmp_path):
+    import keras
+
+    from kfcn.losses import SegmentationCrossEntropy
+
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1)(inputs))
+    model.compile(
+        optimizer="sgd",
+        loss=SegmentationCrossEntropy(ignore_label=11, class_weights=[1.0, 2.0, 0.5]),
+        metrics=[metrics.ConfusionMatrixMetric(3, ignore_label=11)],
+    )
+    x = np.zeros((2, 4, 4, 3), np.float32)
+    y = np.zeros((2, 4, 4), np.int32)
+    model.fit(x, y, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.loss.get_config() == model.loss.get_config()
+    loaded.evaluate(x, y, verbose=0)
+    restored = [m for m in loaded.metrics[-1].metrics if m.name == "mean_iou"][0]
+    assert restored.ignore_label == 11
+    np.testing.assert_array_equal(restored.confusion_matrix(), [[32, 0, 0], [0] * 3, [0] * 3])
+
+
 _DISTRIBUTED_SCRIPT = textwrap.dedent(
     """
     import numpy as np
