@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kfcn.data import DataError, DatasetInfo, load_dataset
+from kfcn.data import DataError, DatasetInfo, load_dataset, read_image
 from kfcn.data import images as images_module
 from kfcn.data.listfile import CAMVID_CLASS_NAMES, load_folder, read_list
 
@@ -295,3 +295,21 @@ def test_names_fall_back_to_paths_when_stems_collide(tmp_path):
     (tmp_path / "train.txt").write_text("a/x.png a/x_label.png\nb/x.png b/x_label.png\n")
     dataset, _ = load_folder("train", tmp_path, num_classes=1)
     assert [e["name"] for e in _elements(dataset)] == [b"a/x", b"b/x"]
+
+
+def test_graph_decoding_matches_pil_conversions(tmp_path):
+    """Images decoded in the TF graph equal read_image's PIL conversions (P, RGBA, LA)."""
+    rng = np.random.default_rng(4)
+    index = rng.integers(0, 4, (5, 6), dtype=np.uint8)
+    palette_image = Image.fromarray(index, mode="P")
+    palette_image.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90, 200, 210, 220] + [0] * 756)
+    palette_image.save(tmp_path / "p.png", transparency=1)
+    Image.fromarray(rng.integers(0, 256, (5, 6, 4), dtype=np.uint8), "RGBA").save(
+        tmp_path / "a.png"
+    )
+    Image.fromarray(rng.integers(0, 256, (5, 6, 2), dtype=np.uint8), "LA").save(tmp_path / "la.png")
+    Image.fromarray(np.zeros((5, 6), np.uint8)).save(tmp_path / "label.png")
+    (tmp_path / "train.txt").write_text("p.png label.png\na.png label.png\nla.png label.png\n")
+    dataset, _ = load_dataset("folder", "train", data_dir=str(tmp_path), num_classes=1)
+    for element, stem in zip(_elements(dataset), ("p", "a", "la"), strict=True):
+        np.testing.assert_array_equal(element["image"], read_image(tmp_path / f"{stem}.png"))
