@@ -168,17 +168,21 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
         name: Metric name (the key in Keras logs).
         dtype: Dtype of `result()` (default float32).
 
+    `result()` is 0.0 before any pixel was counted (as `keras.metrics.MeanIoU`),
+    whereas `scores()` then reports NaN.
+
     `update_state(y_true, y_pred, sample_weight=None)`:
-        y_true: integer labels [b, h, w] (a trailing axis of size 1 is squeezed).
+        y_true: integer labels [b, h, w] (or [b, h, w, 1]).
         y_pred: logits or probabilities [b, h, w, num_classes] (reduced with
             `tf.argmax`), or integer class ids with the shape of `y_true`.
         sample_weight: optional weights broadcastable to [b, h, w].
 
     Example:
         ```python
+        metric = kfcn.metrics.ConfusionMatrixMetric(21)
         model.compile(optimizer="sgd", loss=kfcn.losses.SegmentationCrossEntropy(),
-                      metrics=[kfcn.metrics.ConfusionMatrixMetric(21)])
-        ...
+                      metrics=[metric])
+        model.evaluate(val_batches)
         metric.scores()  # dict from kfcn.metrics.scores
         ```
     """
@@ -205,7 +209,7 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
         n = self.num_classes
         y_true = tf.convert_to_tensor(y_true)
         y_pred = tf.convert_to_tensor(y_pred)
-        if y_true.shape.rank is not None and y_true.shape.rank >= 2 and y_true.shape[-1] == 1:
+        if y_true.shape.rank == 4 and y_true.shape[-1] == 1:  # [b, h, w, 1] labels
             y_true = tf.squeeze(y_true, axis=-1)
         if y_pred.shape.rank == y_true.shape.rank + 1:
             if y_pred.shape[-1] is not None and y_pred.shape[-1] != n:
