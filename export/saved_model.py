@@ -31,6 +31,9 @@ def main(argv):
     from kfcn.export.artifacts import load_segmentation_model
     from kfcn.export.saved_model import export_saved_model
 
+    if os.path.lexists(OUTPUT.value) and not OVERWRITE.value:
+        # Fail before the slow model load.
+        sys.exit(f"error: Output {OUTPUT.value!r} already exists; pass --overwrite to replace it")
     try:
         model = load_segmentation_model(MODEL.value)
         path = export_saved_model(

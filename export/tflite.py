@@ -42,6 +42,9 @@ def main(argv):
     from kfcn.export.artifacts import load_segmentation_model, parse_input_size
     from kfcn.export.tflite import export_tflite
 
+    if os.path.lexists(OUTPUT.value) and not OVERWRITE.value:
+        # Fail before the slow model load.
+        sys.exit(f"error: Output {OUTPUT.value!r} already exists; pass --overwrite to replace it")
     try:
         size = parse_input_size(INPUT_SIZE.value)
         model = load_segmentation_model(MODEL.value)

@@ -4,15 +4,20 @@
 nothing in TF 2.21, so this module reads the flatbuffer itself and applies the
 rules of the LiteRT GPU delegate:
 
-- the op table and per-op maximum versions of `NewOperationParser` /
-  `*OperationParser::IsSupported` in
-  tensorflow/lite/delegates/gpu/common/model_builder.cc;
-- the per-op constraints of `CheckGpuDelegateCompatibility` in
+- the op table and per-op constraints of `CheckGpuDelegateCompatibility` in
   tensorflow/lite/tools/versioning/gpu_compatibility.cc (strided-slice masks,
-  padding shapes, softmax beta, fused activations, ...);
+  padding shapes, softmax beta, fused activations, broadcasting, ...), where the
+  delegate's `IsSupported` checks now live;
+- the maximum op versions the `*OperationParser::IsSupported` methods of
+  tensorflow/lite/delegates/gpu/common/model_builder.cc accept, and its special
+  case of float16 weights (DEQUANTIZE of fp16 constants is folded, any version);
 - `IsAllAllowedTensors` of model_builder.cc: every non-constant input and output
   of a delegated op is float32 or float16 (int8/uint8 too when quantized ops are
   allowed, which the delegate's default options do).
+
+The detailed shape rules of a few rarely used ops (BATCH_MATMUL, CUMSUM, GATHER,
+ONE_HOT, SELECT_V2, DYNAMIC_UPDATE_SLICE, EMBEDDING_LOOKUP, LSTM) are not
+reproduced; their tensor types are checked.
 
 Ops outside the table (ARG_MAX, SHAPE, GATHER_ND, every Flex/custom op except the
 delegate's three custom kernels, ...) are reported as unsupported: the delegate
@@ -32,26 +37,48 @@ import dataclasses
 import os
 from collections.abc import Iterable
 
-# Maximum op version each GPU parser accepts (model_builder.cc); None means the
-# parser does not check the version.
+# Ops of `CheckGpuDelegateCompatibility` (gpu_compatibility.cc), with the maximum
+# op version the parser of model_builder.cc accepts where it checks one (None: no
+# version check known).
 GPU_SUPPORTED_OPS: dict[str, int | None] = {
     "ABS": 2,
     "ADD": 2,
+    "ADD_N": None,
+    "ATAN2": None,
     "AVERAGE_POOL_2D": 2,
     "BATCH_MATMUL": None,
+    "CAST": None,
+    "CEIL": None,
     "CONCATENATION": 2,
     "CONV_2D": 5,
     "COS": 2,
+    "CUMSUM": None,
+    "DENSIFY": None,
     "DEPTHWISE_CONV_2D": 6,
+    "DEPTH_TO_SPACE": None,
     "DEQUANTIZE": 2,
     "DIV": 2,
+    "DYNAMIC_UPDATE_SLICE": None,
     "ELU": 2,
+    "EMBEDDING_LOOKUP": None,
+    "EQUAL": None,
     "EXP": 2,
+    "FLOOR": None,
+    "FLOOR_DIV": None,
+    "FLOOR_MOD": None,
     "FULLY_CONNECTED": 9,
+    "GATHER": None,
+    "GELU": None,
+    "GREATER": None,
+    "GREATER_EQUAL": None,
     "HARD_SWISH": None,
     "LEAKY_RELU": 2,
+    "LESS": None,
+    "LESS_EQUAL": None,
     "LOG": 2,
+    "LOGICAL_AND": None,
     "LOGISTIC": 2,
+    "LSTM": 4,
     "MAXIMUM": 2,
     "MAX_POOL_2D": 2,
     "MEAN": None,
@@ -59,8 +86,11 @@ GPU_SUPPORTED_OPS: dict[str, int | None] = {
     "MIRROR_PAD": 2,
     "MUL": 3,
     "NEG": 2,
+    "NOT_EQUAL": None,
+    "ONE_HOT": None,
     "PACK": None,
     "PAD": 2,
+    "PADV2": 2,
     "POW": 2,
     "PRELU": 1,
     "QUANTIZE": 2,
@@ -69,22 +99,29 @@ GPU_SUPPORTED_OPS: dict[str, int | None] = {
     "REDUCE_PROD": None,
     "RELU": 2,
     "RELU6": 2,
+    "RELU_N1_TO_1": None,
     "RESHAPE": 1,
     "RESIZE_BILINEAR": 3,
     "RESIZE_NEAREST_NEIGHBOR": 3,
     "RSQRT": 2,
+    "SELECT": None,
+    "SELECT_V2": None,
+    "SIGN": None,
     "SIN": 2,
     "SLICE": 2,
     "SOFTMAX": 2,
     "SPACE_TO_DEPTH": 2,
+    "SPLIT": None,
     "SPLIT_V": None,
     "SQRT": 2,
     "SQUARE": 2,
     "SQUARED_DIFFERENCE": 2,
+    "STABLEHLO_CLAMP": None,
     "STRIDED_SLICE": 2,
     "SUB": 2,
     "SUM": None,
     "TANH": 2,
+    "TILE": None,
     "TRANSPOSE": 2,
     "TRANSPOSE_CONV": 3,
 }
@@ -94,9 +131,13 @@ GPU_SUPPORTED_CUSTOM_OPS = (
     "MaxPoolingWithArgmax2D",
     "MaxUnpooling2D",
 )
-_ONE_ARG_ELEMENTWISE = ("ABS", "COS", "ELU", "EXP", "LOG", "LOGISTIC", "NEG", "RSQRT", "SIN",
-                        "SQRT", "SQUARE", "TANH")
-_TWO_ARG_ELEMENTWISE = ("DIV", "MAXIMUM", "MINIMUM", "POW", "SQUARED_DIFFERENCE", "SUB")
+_ONE_ARG_ELEMENTWISE = ("ABS", "CEIL", "COS", "ELU", "EXP", "FLOOR", "GELU", "LOG", "LOGISTIC",
+                        "NEG", "RSQRT", "SIGN", "SIN", "SQRT", "SQUARE", "TANH")
+_TWO_ARG_ELEMENTWISE = ("ATAN2", "DIV", "EQUAL", "FLOOR_DIV", "FLOOR_MOD", "GREATER",
+                        "GREATER_EQUAL", "LOGICAL_AND", "LESS", "LESS_EQUAL", "MAXIMUM", "MINIMUM",
+                        "NOT_EQUAL", "POW", "SQUARED_DIFFERENCE", "SUB")
+_LOGICAL_OUTPUT = ("EQUAL", "GREATER", "GREATER_EQUAL", "LESS", "LESS_EQUAL", "LOGICAL_AND",
+                   "NOT_EQUAL")
 # Ops that betray unfrozen variables or shapes computed at run time.
 _VARIABLE_OPS = ("VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE")
 _DYNAMIC_SHAPE_OPS = ("SHAPE", "PACK", "RANK", "WHILE", "IF")
@@ -356,6 +397,16 @@ def _op_reason(op: _Op, allow_quant_ops: bool) -> str | None:
         return _activation_reason(o)
     if name == "CONCATENATION":
         return _activation_reason(o)
+    if name == "CAST":
+        source, target = op.inputs[0].dtype, op.outputs[0].dtype
+        floats = ("FLOAT32", "FLOAT16")
+        if (
+            (source == "BOOL" and target in floats)
+            or (source in floats and target == "BOOL")
+            or (source in ("FLOAT32", "INT32") and target in ("FLOAT32", "INT32"))
+        ):
+            return None
+        return f"Not supported Cast case. Input type: {source} and output type: {target}."
     if name == "FULLY_CONNECTED":
         if o.weightsFormat != 0:
             return f"Unsupported FullyConnected weights format: {o.weightsFormat}."
@@ -373,7 +424,7 @@ def _op_reason(op: _Op, allow_quant_ops: bool) -> str | None:
         if not axes.is_const or axes.dtype != "INT32":
             return f"{name} is only supported with constant int32 axes."
         return None
-    if name in ("PAD", "MIRROR_PAD"):
+    if name in ("PAD", "PADV2", "MIRROR_PAD"):
         if name == "MIRROR_PAD" and o.mode != _schema().MirrorPadMode.REFLECT:
             return "Only Reflective padding is supported for Mirror Pad operation."
         if len(runtime) != 1:
@@ -417,7 +468,11 @@ def _op_reason(op: _Op, allow_quant_ops: bool) -> str | None:
         if len(op.inputs[0].shape) not in (3, 4):
             return "STRIDED_SLICE supports for 3 or 4 dimensional tensors only."
         return None
-    if name in ("TRANSPOSE", "HARD_SWISH"):
+    if name == "ADD_N":
+        return None if len(op.inputs) == 2 else "ADD_N only supports 2 inputs."
+    if name == "DEPTH_TO_SPACE":
+        return None if o.blockSize > 1 else "DEPTH_TO_SPACE block_size must be > 1."
+    if name in ("TRANSPOSE", "HARD_SWISH", "TILE"):
         return None if len(runtime) == 1 else "Expected 1 runtime input."
     if name in _ONE_ARG_ELEMENTWISE:
         if len(runtime) != 1 or len(op.inputs) != 1:
@@ -431,10 +486,21 @@ def _op_reason(op: _Op, allow_quant_ops: bool) -> str | None:
 
 
 def _tensor_type_reason(op: _Op, allow_quant_ops: bool) -> str | None:
+    # model_builder.cc: runtime tensors are float (or int8/uint8 for quantized
+    # models); logical ops may produce BOOL, CAST and index inputs may be INT32.
     allowed = {"FLOAT32", "FLOAT16"} | ({"INT8", "UINT8"} if allow_quant_ops else set())
-    for role, tensors in (("input", op.inputs), ("output", op.outputs)):
+    allowed_in, allowed_out = set(allowed), set(allowed)
+    if op.name in _LOGICAL_OUTPUT or op.name in ("SELECT", "SELECT_V2", "CAST"):
+        allowed_in.add("BOOL")
+        allowed_out.add("BOOL")
+    if op.name in ("CAST", "GATHER", "ONE_HOT", "EMBEDDING_LOOKUP", "DYNAMIC_UPDATE_SLICE"):
+        allowed_in.add("INT32")
+        if op.name == "CAST":
+            allowed_out.add("INT32")
+    checks = (("input", op.inputs, allowed_in), ("output", op.outputs, allowed_out))
+    for role, tensors, ok in checks:
         for t in tensors:
-            if t is not None and not t.is_const and t.dtype not in allowed:
+            if t is not None and not t.is_const and t.dtype not in ok:
                 return f"OP is supported, but tensor type isn't matched: {role} is {t.dtype}."
     return None
 

@@ -57,6 +57,9 @@ def _serving_module_class():
         def __init__(self, model, include_probabilities: bool, max_pixels: int):
             super().__init__(name="kfcn_serving")
             self.model = model
+            # Track the tf.Variables themselves: through the Keras model alone the
+            # TF1-style loader (saved_model_cli, TF Serving) does not restore them.
+            self.model_variables = [getattr(v, "value", v) for v in model.weights]
             self._include_probabilities = include_probabilities
             self._max_pixels = int(max_pixels)
             self.serving_default = tf.function(
