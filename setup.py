@@ -20,6 +20,7 @@ setup(
         "numpy",
         "pillow",
         "absl-py",
+        "scipy",  # SBD's .mat masks
     ],
     extras_require={
         "tflite": ["ai-edge-litert"],

@@ -18,16 +18,16 @@ _LAZY_ATTRS = {
     "build_fcn16s": "kfcn.fcn",
     "build_fcn8s": "kfcn.fcn",
     "load_model": "kfcn.fcn",
-    "convolutionalize": "kfcn.convolutionalize",
+    "convolutionalize": "kfcn.fully_convolutional",
 }
 _LAZY_MODULES = (
     "backbones",
     "bilinear",
-    "convolutionalize",
     "data",
     "evaluation",
     "export",
     "fcn",
+    "fully_convolutional",
     "geometry",
     "layers",
     "losses",
