@@ -444,8 +444,7 @@ def format_results(results: dict[str, Any]) -> str:
     for name, iou in results["iou"].items():
         lines.append(f"{name:<{width}}  {pct(iou)}  {pct(results['accuracy'][name])}")
     lines.append(
-        f"\n{results['num_images']} images in {results['seconds']:.1f} s "
-        f"(mode={results['mode']})"
+        f"\n{results['num_images']} images in {results['seconds']:.1f} s (mode={results['mode']})"
     )
     return "\n".join(lines)
 

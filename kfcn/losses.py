@@ -125,9 +125,7 @@ def pixel_cross_entropy(
     n = num_classes if num_classes is not None else tf.shape(logits)[-1]
     valid = (labels >= 0) & (labels < n) & (labels != ignore_label)
     safe_labels = tf.where(valid, labels, 0)
-    pixel_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=safe_labels, logits=logits
-    )
+    pixel_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
     weights = tf.cast(valid, tf.float32)
     table = _class_weight_tensor(class_weights, num_classes)
     if table is not None:
@@ -238,8 +236,13 @@ class ClassCounts(NamedTuple):
     num_images: int
 
 
-def _accumulate(label: np.ndarray, num_classes: int, ignore_label: int,
-                class_pixels: np.ndarray, image_pixels: np.ndarray) -> None:
+def _accumulate(
+    label: np.ndarray,
+    num_classes: int,
+    ignore_label: int,
+    class_pixels: np.ndarray,
+    image_pixels: np.ndarray,
+) -> None:
     label = np.asarray(label).astype(np.int64).ravel()
     keep = (label >= 0) & (label < num_classes) & (label != ignore_label)
     counts = np.bincount(label[keep], minlength=num_classes)

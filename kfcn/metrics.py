@@ -92,9 +92,11 @@ def confusion_matrix(
             f"{np.unique(predictions[bad])[:10].tolist()} (num_classes={n})"
         )
     keep = (labels >= 0) & (labels < n) & (labels != ignore_label)
-    return np.bincount(
-        n * labels[keep] + predictions[keep], minlength=n * n
-    ).reshape(n, n).astype(np.int64)
+    return (
+        np.bincount(n * labels[keep] + predictions[keep], minlength=n * n)
+        .reshape(n, n)
+        .astype(np.int64)
+    )
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -124,9 +126,7 @@ def scores(confusion: Any) -> dict[str, Any]:
     """
     hist = np.asarray(confusion, dtype=np.float64)
     if hist.ndim != 2 or hist.shape[0] != hist.shape[1] or hist.shape[0] == 0:
-        raise ValueError(
-            f"`confusion` must be a square [n, n] matrix. Received shape {hist.shape}"
-        )
+        raise ValueError(f"`confusion` must be a square [n, n] matrix. Received shape {hist.shape}")
     if (hist < 0).any():
         raise ValueError("`confusion` must hold non-negative counts. Received negative entries")
     true_positives = np.diag(hist)
@@ -225,9 +225,7 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
                     f"Received: y_pred.dtype={y_pred.dtype.name}"
                 )
             predictions = tf.cast(y_pred, tf.int32)
-            tf.debugging.assert_non_negative(
-                predictions, message="`y_pred` class ids must be >= 0"
-            )
+            tf.debugging.assert_non_negative(predictions, message="`y_pred` class ids must be >= 0")
             tf.debugging.assert_less(
                 predictions, n, message=f"`y_pred` class ids must be < num_classes={n}"
             )
