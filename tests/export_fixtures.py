@@ -3,7 +3,8 @@
 A randomly initialised FCN gives near-tied logits, so a class map comparison
 between two runtimes would flip on rounding noise. `confident_fcn8s` instead
 fits the FCN-8s score layers by ridge regression to a synthetic scene task
-(coloured rectangles on a dark background), so its argmax has real margins.
+(coloured rectangles on a dark background), so its argmax has real margins and
+is right on ~83% of held-out pixels (background alone is 69%).
 """
 
 from __future__ import annotations
@@ -35,14 +36,34 @@ def synthetic_scenes(count: int, height: int = HEIGHT, width: int = WIDTH, seed:
     return images, labels
 
 
+def _normalize_batchnorm_scales(model, images) -> None:
+    """Sets every BatchNormalization to divide by its input's RMS (mean kept at 0).
+
+    A freshly initialised network's activations shrink layer after layer (the BN
+    moving variance starts at 1), leaving a few channels to dominate each tensor;
+    int8 quantization then rounds the rest away. Rescaling each channel to unit
+    RMS, layer by layer in graph order, keeps every channel in range.
+    """
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            # The layer's call in this model's graph (the trunk was built separately).
+            node_input = layer._inbound_nodes[-1].input_tensors[0]
+            x = np.asarray(keras.Model(model.input, node_input)(images, training=False))
+            mean_square = np.square(x.astype(np.float64)).mean(axis=(0, 1, 2))
+            gamma, beta, moving_mean, _ = layer.get_weights()
+            layer.set_weights(
+                [gamma, beta, np.zeros_like(moving_mean), (mean_square + 1e-12).astype(np.float32)]
+            )
+
+
 def confident_fcn8s(seed: int = 0):
     """A mobilenetv2 FCN-8s whose outputs are confident (see module docstring).
 
-    score_fr and score_pool4 are zeroed and score_pool3 is the ridge-regression
-    fit of one-hot targets on the pool3 features. The random backbone's features
-    are tiny (~1e-5), so the fitted weights are large; a factor K moves that scale
-    from score_pool3 into the (linear) upscore8 kernel to keep every weight within
-    float16 range.
+    After `_normalize_batchnorm_scales`, score_fr and score_pool4 are zeroed and
+    score_pool3 is the ridge-regression fit of one-hot targets on the pool3
+    features of synthetic scenes.
     """
     import keras
 
@@ -53,8 +74,10 @@ def confident_fcn8s(seed: int = 0):
         backbone="mobilenetv2", num_classes=NUM_CLASSES, weights=None, dropout=0.0
     )
     images, labels = synthetic_scenes(32, seed=seed)
+    images = images.astype(np.float32)
+    _normalize_batchnorm_scales(model, images[:8])
     features = keras.Model(model.input, model.get_layer("score_pool3").input)
-    f = np.asarray(features.predict(images.astype(np.float32), verbose=0, batch_size=16))
+    f = np.asarray(features.predict(images, verbose=0, batch_size=16))
     fh, fw = f.shape[1:3]
     targets = labels[:, 4::8, 4::8][:, :fh, :fw]  # label at each stride-8 cell centre
     x = f[:, : targets.shape[1], : targets.shape[2]].reshape(-1, f.shape[-1]).astype(np.float64)
@@ -64,16 +87,12 @@ def confident_fcn8s(seed: int = 0):
     w = np.linalg.solve(xa.T @ xa + 0.1 * np.eye(xa.shape[1]), xa.T @ t)
     w[:-1] /= std[:, None]
     w[-1] -= (mean[:, None] * w[:-1]).sum(0)
-    scale = 1e4
     for name in ("score_fr", "score_pool4"):
         layer = model.get_layer(name)
         layer.set_weights([np.zeros_like(v) for v in layer.get_weights()])
     model.get_layer("score_pool3").set_weights(
-        [(w[:-1] / scale).reshape(1, 1, -1, NUM_CLASSES).astype(np.float32),
-         (w[-1] / scale).astype(np.float32)]
+        [w[:-1].reshape(1, 1, -1, NUM_CLASSES).astype(np.float32), w[-1].astype(np.float32)]
     )
-    upscore = model.get_layer("upscore8")
-    upscore.set_weights([v * scale for v in upscore.get_weights()])
     return model
 
 
