@@ -1,0 +1,103 @@
+"""FCN-8s forward speed on the CPU, as a fraction of this machine's matmul rate.
+
+Measures, in one run: a large float32 matmul (the machine's practical peak),
+then the FCN-8s VGG16 forward pass at 512x512 (batch 1), eagerly through
+`model.predict`, through a `tf.function`, and through an XLA-compiled
+`tf.function`. The FCN's FLOPs are counted from its layers (2 * multiply-adds of
+every convolution and transposed convolution), so the achieved FLOP/s can be
+compared with the matmul's.
+
+    python bench/fcn_forward.py [--size 512] [--repeats 5] [--backbone vgg16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kfcn  # noqa: E402
+
+
+def conv_flops(model: keras.Model) -> int:
+    """2 x multiply-adds of every convolution-like layer, from static shapes."""
+    total = 0
+    for layer in model.layers:
+        if not layer._inbound_nodes or isinstance(layer, keras.layers.InputLayer):  # noqa: SLF001
+            continue
+        # Trunk layers are shared with the throwaway trunk model: use this model's node.
+        node = layer._inbound_nodes[-1]  # noqa: SLF001
+        in_shape, out_shape = node.input_tensors[0].shape, node.outputs[0].shape
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            _, h, w, _ = in_shape
+            kh, kw, out_c, in_c = layer.kernel.shape
+            total += 2 * h * w * kh * kw * in_c * out_c
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            _, h, w, c = out_shape
+            kh, kw, _, mult = layer.kernel.shape
+            total += 2 * h * w * kh * kw * c
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, _ = out_shape
+            kh, kw, in_c, out_c = layer.kernel.shape
+            total += 2 * h * w * kh * kw * in_c * out_c
+    return int(total)
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (tracing, compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    step = tf.function(lambda: tf.reduce_sum(tf.linalg.matmul(a, b)))
+    return 2 * n**3 / best_seconds(lambda: step().numpy(), repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backbone", default="vgg16")
+    args = parser.parse_args()
+
+    model = kfcn.build_fcn8s(backbone=args.backbone, input_shape=(args.size, args.size, 3))
+    flops = conv_flops(model)
+    images = np.random.default_rng(0).uniform(0, 255, (1, args.size, args.size, 3))
+    images = tf.constant(images.astype("float32"))
+
+    peak = matmul_rate(repeats=args.repeats)
+    graph = tf.function(lambda x: model(x, training=False))
+    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    runs = {
+        "model.predict": lambda: model.predict(images, verbose=0),
+        "tf.function": lambda: graph(images).numpy(),
+        "tf.function(jit_compile=True)": lambda: xla(images).numpy(),
+    }
+    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, TF {tf.__version__}")
+    print(f"matmul 4096^3 float32: {peak / 1e9:.1f} GFLOP/s")
+    print(f"FCN-8s {args.backbone} {args.size}x{args.size}: {flops / 1e9:.1f} GFLOP per image")
+    for name, fn in runs.items():
+        seconds = best_seconds(fn, args.repeats)
+        rate = flops / seconds
+        print(
+            f"{name:32s} {seconds * 1e3:8.1f} ms  {rate / 1e9:6.1f} GFLOP/s  "
+            f"{rate / peak:5.2f} of matmul"
+        )
+
+
+if __name__ == "__main__":
+    main()
