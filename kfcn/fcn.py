@@ -287,12 +287,15 @@ def load_model(
 ) -> keras.Model:
     """Loads a `.keras` file saved from a kfcn model.
 
-    Importing this module registers kfcn's layers, so this is
-    `keras.saving.load_model` with them available.
+    `keras.saving.load_model` with kfcn's registered layers, losses and metrics
+    available (a model compiled for training carries its loss and metrics).
 
     Raises:
         ValueError: If `path` does not exist.
     """
+    import kfcn.losses  # noqa: F401 - registers SegmentationCrossEntropy
+    import kfcn.metrics  # noqa: F401 - registers ConfusionMatrixMetric
+
     if not os.path.exists(path):
         raise ValueError(f"`path` does not exist. Received: path={str(path)!r}")
     return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
