@@ -1,0 +1,552 @@
+"""The custom training loop shared by every distribution strategy.
+
+One `tf.function` train step runs the model on each replica via `strategy.run`,
+applies the gradients with the Keras optimizer (which all-reduces them with a
+SUM across replicas and workers) and reduces the loss with `strategy.reduce`.
+
+Loss normalization: each replica's summed per-pixel cross-entropy is divided by
+the number of valid (non-ignored, class-weighted) pixels of the GLOBAL batch,
+all-reduced across replicas, so the summed gradients equal those of one device
+training on the whole global batch.
+
+Weight decay is the reference's Caffe `weight_decay` (coupled L2 on the kernels,
+biases and normalization parameters excluded, FCN's prototxts set
+`decay_mult: 0` on biases): the loop adds `0.5 * weight_decay * sum(kernel**2)`
+to the loss, so the gradient gains `weight_decay * kernel`. It is not the
+optimizer's decoupled `weight_decay` argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from kfcn import metrics
+from kfcn.training.checkpoints import TrainingCheckpoint
+from kfcn.training.strategy import WorkerInfo, worker_info
+
+logger = logging.getLogger(__name__)
+
+#: Exit status of a process stopped by the watchdog (no progress, e.g. a dead peer).
+WATCHDOG_EXIT_CODE = 3
+
+LossFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
+TrainDatasetFn = Callable[[tf.distribute.InputContext, int], tf.data.Dataset]
+EvalDatasetFn = Callable[[int, int], tf.data.Dataset]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the run stopped before saving."""
+
+
+class PeerFailureError(RuntimeError):
+    """A collective operation failed because another worker died or timed out."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Step counts and intervals of a training run.
+
+    Attributes:
+        total_steps: number of optimizer steps of the whole run.
+        steps_per_epoch: steps per pass over the training set (for logging epochs).
+        global_batch_size: images per step over all replicas (for images/s).
+        checkpoint_every: save a checkpoint every this many steps (and at the end).
+        eval_every: validate every this many steps (and at the end); 0 disables.
+        log_every: log a progress line and summaries every this many steps.
+        weight_decay: L2 coefficient on the kernels (Caffe's `weight_decay`).
+        step_timeout: seconds without progress after which the watchdog ends
+            the process with `WATCHDOG_EXIT_CODE`; None disables it.
+    """
+
+    total_steps: int
+    steps_per_epoch: int
+    global_batch_size: int
+    checkpoint_every: int
+    eval_every: int = 0
+    log_every: int = 10
+    weight_decay: float = 0.0
+    step_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "total_steps",
+            "steps_per_epoch",
+            "global_batch_size",
+            "checkpoint_every",
+            "log_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"`eval_every` must be >= 0. Received: eval_every={self.eval_every}")
+        if self.weight_decay < 0:
+            raise ValueError(
+                f"`weight_decay` must be >= 0. Received: weight_decay={self.weight_decay}"
+            )
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a call to `train` did.
+
+    Attributes:
+        start_step: the step training resumed from (0 for a fresh run).
+        final_step: the step reached.
+        checkpoint: the chief's latest checkpoint path prefix.
+        metrics: the last validation scores (see `evaluate`), or None.
+        images_per_second: mean training throughput after the first logging window
+            (which includes tracing), or over the whole run if it was the only one.
+    """
+
+    start_step: int
+    final_step: int
+    checkpoint: str | None
+    metrics: dict[str, Any] | None
+    images_per_second: float | None
+
+
+def _default_loss_fn() -> LossFn:
+    from kfcn.losses import pixel_cross_entropy
+
+    return pixel_cross_entropy
+
+
+def _is_kernel(variable: Any) -> bool:
+    # Keras names weights by role: "kernel", "depthwise_kernel", "pointwise_kernel".
+    return variable.name.endswith("kernel")
+
+
+def make_train_step(
+    strategy: tf.distribute.Strategy,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    *,
+    ignore_label: int = 255,
+    class_weights: Any = None,
+    weight_decay: float = 0.0,
+    loss_fn: LossFn | None = None,
+) -> Callable[[Any], tuple[tf.Tensor, tf.Tensor]]:
+    """Builds the distributed train step.
+
+    Args:
+        strategy: the strategy whose scope created `model` and `optimizer`.
+        model: maps images [b, h, w, 3] to logits [b, h, w, num_classes].
+        optimizer: a Keras optimizer, possibly a `LossScaleOptimizer` (float16).
+        ignore_label: label value excluded from the loss.
+        class_weights: optional per-class loss weights [num_classes].
+        weight_decay: L2 coefficient on kernels (see the module docstring).
+        loss_fn: `(labels, logits, *, ignore_label, class_weights) -> (loss_sum,
+            weight_sum)`; defaults to `kfcn.losses.pixel_cross_entropy`.
+
+    Returns:
+        A `tf.function` taking an iterator over the distributed dataset and
+        returning `(loss, l2)`: the global mean cross-entropy of the step and the
+        weight-decay term, both float32 scalars identical on every worker.
+    """
+    loss_fn = loss_fn or _default_loss_fn()
+    weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+    kernels = [v for v in model.trainable_variables if _is_kernel(v)]
+    num_replicas = strategy.num_replicas_in_sync
+    loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        context = tf.distribute.get_replica_context()
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True), tf.float32)
+            loss_sum, weight_sum = loss_fn(
+                labels, logits, ignore_label=ignore_label, class_weights=weights
+            )
+            global_weight = context.all_reduce(tf.distribute.ReduceOp.SUM, weight_sum)
+            data_loss = loss_sum / tf.maximum(global_weight, 1e-12)
+            if weight_decay and kernels:
+                # Divided by the replica count because the optimizer sums the
+                # replicas' gradients: the decay must be counted once.
+                l2 = (
+                    0.5
+                    * weight_decay
+                    * tf.add_n(
+                        [tf.reduce_sum(tf.square(tf.cast(v.value, tf.float32))) for v in kernels]
+                    )
+                )
+                l2 = l2 / num_replicas
+            else:
+                l2 = tf.constant(0.0)
+            loss = data_loss + l2
+            scaled = optimizer.scale_loss(loss) if loss_scaling else loss
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return data_loss, l2
+
+    @tf.function
+    def train_step(iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = next(iterator)
+        data_loss, l2 = strategy.run(replica_step, args=(images, labels))
+        return (
+            strategy.reduce(tf.distribute.ReduceOp.SUM, data_loss, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, l2, axis=None),
+        )
+
+    return train_step
+
+
+def _sum_over_workers(strategy: tf.distribute.Strategy, info: WorkerInfo, array: np.ndarray):
+    """All-reduces a host array over workers (collective: call on all workers)."""
+    if info.num_workers == 1:
+        return array
+    value = tf.constant(array, tf.float64)
+    local_replicas = len(strategy.extended.worker_devices)
+
+    def per_replica(context: tf.distribute.ValueContext) -> tf.Tensor:
+        # One contribution per worker: its first local replica carries the value.
+        first = context.replica_id_in_sync_group % local_replicas == 0
+        return value if first else tf.zeros_like(value)
+
+    values = strategy.experimental_distribute_values_from_function(per_replica)
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
+
+
+def evaluate(
+    model: keras.Model,
+    dataset: tf.data.Dataset,
+    *,
+    num_classes: int,
+    ignore_label: int = 255,
+    strategy: tf.distribute.Strategy | None = None,
+    heartbeat: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Scores `model` on `dataset` (the local shard under multi-worker training).
+
+    Args:
+        model: the segmentation model.
+        dataset: yields `(images [1, H, W, 3], labels [1, H, W], ...)` as
+            `kfcn.data.pipeline.eval_pipeline` does.
+        num_classes: number of classes.
+        ignore_label: label value left out of the scores.
+        strategy: when given and multi-worker, the workers' confusion matrices
+            are summed, so every worker returns the scores of the whole set.
+        heartbeat: called after every image (keeps the watchdog quiet).
+
+    Returns:
+        The dict of `kfcn.metrics.scores` plus "confusion" (nested lists) and
+        "num_images".
+    """
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def predict(images: tf.Tensor) -> tf.Tensor:
+        # tf.argmax, not keras.ops.argmax: the same graph exports to TFLite.
+        return tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32)
+
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    num_images = 0
+    for element in dataset:
+        images, labels = element[0], element[1]
+        predictions = predict(tf.cast(images, tf.float32)).numpy()
+        confusion += metrics.confusion_matrix(
+            np.asarray(labels), predictions, num_classes, ignore_label
+        )
+        num_images += int(images.shape[0])
+        if heartbeat is not None:
+            heartbeat()
+    if strategy is not None:
+        info = worker_info(strategy)
+        summed = _sum_over_workers(
+            strategy, info, np.concatenate([confusion.ravel(), [num_images]]).astype(np.float64)
+        )
+        confusion = np.rint(summed[:-1]).astype(np.int64).reshape(confusion.shape)
+        num_images = int(round(summed[-1]))
+    scores = metrics.scores(confusion)
+    scores["confusion"] = confusion.tolist()
+    scores["num_images"] = num_images
+    return scores
+
+
+class _Watchdog:
+    """Ends the process when training makes no progress for `timeout` seconds.
+
+    A worker whose peer died can block inside a collective; neither Python
+    exceptions nor signals reach it there, so the watchdog calls `os._exit`.
+    """
+
+    def __init__(self, timeout: float | None, describe: Callable[[], str]) -> None:
+        self._timeout = timeout
+        self._describe = describe
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Watchdog:
+        if self._timeout:
+            self._thread = threading.Thread(target=self._watch, daemon=True, name="kfcn-watchdog")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(5.0, self._timeout)):
+            idle = time.monotonic() - self._last
+            if idle > self._timeout:
+                logger.error(
+                    "No training progress for %.0f s (--step_timeout=%g) %s; a peer worker has "
+                    "probably died. Exiting with status %d; rerun every worker with the same "
+                    "command to resume from the last checkpoint.",
+                    idle,
+                    self._timeout,
+                    self._describe(),
+                    WATCHDOG_EXIT_CODE,
+                )
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os._exit(WATCHDOG_EXIT_CODE)
+
+
+def _scalar(name: str, value: float, step: int) -> None:
+    """Writes a TensorBoard scalar without needing the `tensorboard` package.
+
+    `tf.summary.scalar` lives in `tensorboard`; `tf.summary.write` with the
+    scalars plugin's metadata writes the same event that TensorBoard plots.
+    """
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    tf.summary.write(name, tf.constant(value, tf.float32), step=step, metadata=metadata)
+
+
+_COLLECTIVE_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+)
+
+
+@contextlib.contextmanager
+def _collective_failures(info: WorkerInfo, step: int, last_saved: str | None) -> Iterator[None]:
+    """Turns the errors of aborted collectives into one clear `PeerFailureError`."""
+    try:
+        yield
+    except _COLLECTIVE_ERRORS as e:
+        if info.num_workers == 1:
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PeerFailureError(
+            f"Training stopped at step {step}: a collective operation failed, a peer worker "
+            f"has probably died ({type(e).__name__}: {first_line}). Rerun every worker with "
+            f"the same command to resume from {last_saved}."
+        ) from e
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(
+    *,
+    strategy: tf.distribute.Strategy,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    train_dataset_fn: TrainDatasetFn,
+    config: LoopConfig,
+    model_dir: str,
+    num_classes: int,
+    ignore_label: int = 255,
+    class_weights: Any = None,
+    eval_dataset_fn: EvalDatasetFn | None = None,
+    loss_fn: LossFn | None = None,
+) -> TrainResult:
+    """Trains `model`, resuming from the latest checkpoint in `model_dir`.
+
+    Call it on every worker with the same arguments. The chief writes the
+    checkpoints (`model_dir/checkpoints`) and TensorBoard summaries
+    (`model_dir/logs/{train,validation}`: loss, l2, learning_rate, images/s,
+    validation mean IoU and pixel accuracy).
+
+    Args:
+        strategy: the distribution strategy; `model` and `optimizer` must have
+            been created in its scope.
+        model: the model to train.
+        optimizer: the Keras optimizer (its iteration count drives the schedule).
+        train_dataset_fn: `(input_context, start_step) -> dataset` yielding
+            per-replica batches `(images, labels)` forever, sharded by the
+            input context; `start_step` lets it reseed after a resume.
+        config: step counts and intervals.
+        model_dir: the run's directory.
+        num_classes: number of classes (for validation).
+        ignore_label: label value excluded from loss and scores.
+        class_weights: optional per-class loss weights.
+        eval_dataset_fn: `(num_shards, shard_index) -> dataset` of validation
+            images (see `evaluate`), or None to skip validation.
+        loss_fn: see `make_train_step`.
+
+    Returns:
+        A `TrainResult`.
+
+    Raises:
+        NonFiniteLossError: when the loss becomes NaN or infinite; nothing is
+            saved after the last finite step.
+        PeerFailureError: when a collective fails because a worker died.
+    """
+    info = worker_info(strategy)
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)
+    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    checkpoint = TrainingCheckpoint(
+        model_dir,
+        is_chief=info.is_chief,
+        task_id=info.worker_index,
+        model=model,
+        optimizer=optimizer,
+        step=step_var,
+    )
+    restored = checkpoint.restore()
+    start_step = int(step_var.numpy())
+    if restored:
+        logger.info(
+            "Resuming from step %d (epoch %d) of %d, checkpoint %s",
+            start_step,
+            start_step // config.steps_per_epoch,
+            config.total_steps,
+            restored,
+        )
+    else:
+        logger.info("Starting a fresh run of %d steps in %s", config.total_steps, model_dir)
+
+    train_step = make_train_step(
+        strategy,
+        model,
+        optimizer,
+        ignore_label=ignore_label,
+        class_weights=class_weights,
+        weight_decay=config.weight_decay,
+        loss_fn=loss_fn,
+    )
+    distributed = strategy.distribute_datasets_from_function(
+        lambda context: train_dataset_fn(context, start_step)
+    )
+    iterator = iter(distributed)
+
+    if info.is_chief:
+        train_writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs", "train"))
+        eval_writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs", "validation"))
+    else:
+        train_writer = eval_writer = tf.summary.create_noop_writer()
+
+    step = start_step
+    last_scores: dict[str, Any] | None = None
+    window_start, window_steps = time.monotonic(), 0
+    measured_time, measured_steps, first_window = 0.0, 0, True
+    first_time, first_steps = 0.0, 0
+    last_saved = checkpoint.latest
+
+    def run_eval() -> dict[str, Any]:
+        scores = evaluate(
+            model,
+            eval_dataset_fn(info.num_workers, info.worker_index),
+            num_classes=num_classes,
+            ignore_label=ignore_label,
+            strategy=strategy,
+            heartbeat=watchdog.beat,
+        )
+        logger.info(
+            "validation step %d: mean IoU %.4f, pixel accuracy %.4f, mean accuracy %.4f "
+            "(%d images)",
+            step,
+            scores["mean_iou"],
+            scores["pixel_accuracy"],
+            scores["mean_accuracy"],
+            scores["num_images"],
+        )
+        with eval_writer.as_default():
+            _scalar("mean_iou", scores["mean_iou"], step)
+            _scalar("pixel_accuracy", scores["pixel_accuracy"], step)
+            _scalar("mean_accuracy", scores["mean_accuracy"], step)
+        eval_writer.flush()
+        return scores
+
+    with _Watchdog(config.step_timeout, lambda: f"at step {step}") as watchdog:
+        while step < config.total_steps:
+            with _collective_failures(info, step, last_saved):
+                loss, l2 = train_step(iterator)
+                loss_value, l2_value = float(loss), float(l2)
+            if not (math.isfinite(loss_value) and math.isfinite(l2_value)):
+                raise NonFiniteLossError(
+                    f"Loss is {loss_value} (l2 {l2_value}) at step {step + 1}: training stopped "
+                    f"without saving. The last good checkpoint is {last_saved}. Lower "
+                    "--learning_rate or check the input data."
+                )
+            step += 1
+            window_steps += 1
+            watchdog.beat()
+            if step % config.log_every == 0 or step == config.total_steps:
+                elapsed = time.monotonic() - window_start
+                rate = window_steps * config.global_batch_size / max(elapsed, 1e-9)
+                seconds_per_step = elapsed / window_steps
+                if first_window:
+                    first_time, first_steps = elapsed, window_steps
+                else:
+                    measured_time += elapsed
+                    measured_steps += window_steps
+                first_window = False
+                lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+                logger.info(
+                    "step %d/%d epoch %d/%d: loss %.4f l2 %.4f lr %.3g, %.2f images/s, ETA %s",
+                    step,
+                    config.total_steps,
+                    (step - 1) // config.steps_per_epoch + 1,
+                    math.ceil(config.total_steps / config.steps_per_epoch),
+                    loss_value,
+                    l2_value,
+                    lr,
+                    rate,
+                    _format_eta(seconds_per_step * (config.total_steps - step)),
+                )
+                with train_writer.as_default():
+                    _scalar("loss", loss_value, step)
+                    _scalar("l2", l2_value, step)
+                    _scalar("learning_rate", lr, step)
+                    _scalar("images_per_second", rate, step)
+                train_writer.flush()
+                window_start, window_steps = time.monotonic(), 0
+            pause_start = time.monotonic()
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                step_var.assign(step)
+                with _collective_failures(info, step, last_saved):
+                    saved = checkpoint.save(step)
+                last_saved = saved or checkpoint.latest
+                watchdog.beat()
+            if eval_dataset_fn is not None and (
+                (config.eval_every and step % config.eval_every == 0) or step == config.total_steps
+            ):
+                with _collective_failures(info, step, last_saved):
+                    last_scores = run_eval()
+                watchdog.beat()
+            # Saving and validating are not training: keep them out of images/s.
+            window_start += time.monotonic() - pause_start
+        if eval_dataset_fn is not None and last_scores is None and step == start_step:
+            # Already complete: score the restored model so the caller gets scores.
+            last_scores = run_eval()
+
+    if measured_steps:
+        images_per_second = measured_steps * config.global_batch_size / measured_time
+    elif first_time:
+        images_per_second = first_steps * config.global_batch_size / first_time
+    else:
+        images_per_second = None
+    return TrainResult(start_step, step, checkpoint.latest, last_scores, images_per_second)
