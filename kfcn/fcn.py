@@ -27,7 +27,7 @@ import keras
 
 from kfcn import backbones, geometry, surgery
 from kfcn.bilinear import BilinearInitializer
-from kfcn.layers import AlignCrop, PadToMultiple, Preprocess, Scale
+from kfcn.layers import AlignCrop, FullyConnectedConv2D, PadToMultiple, Preprocess, Scale
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def build_fcn(
 
     x = tapped[32]
     if spec.fc_layers:
-        fc6 = keras.layers.Conv2D(4096, 7, padding="same", activation="relu", name="fc6")
+        fc6 = FullyConnectedConv2D(4096, 7, padding="same", activation="relu", name="fc6")
         x = keras.layers.Dropout(dropout, name="drop6")(fc6(x))
         fc7 = keras.layers.Conv2D(4096, 1, activation="relu", name="fc7")
         x = keras.layers.Dropout(dropout, name="drop7")(fc7(x))

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from kfcn import geometry, surgery
+from kfcn.layers import FullyConnectedConv2D
 
 # The paper's names for VGG's convolutionalized fully connected layers.
 _FC_NAMES = {"fc1": "fc6", "fc2": "fc7"}
@@ -91,7 +92,7 @@ def _replacements(classifier: keras.Model, pooling: str) -> tuple[dict, tuple]:
                 else _Identity()
             )
         elif isinstance(layer, keras.layers.Dense):
-            conv = keras.layers.Conv2D(
+            conv = FullyConnectedConv2D(
                 layer.units,
                 _flattened_map(layer.input) or (1, 1),
                 padding="valid",

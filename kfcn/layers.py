@@ -177,3 +177,50 @@ class Scale(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class FullyConnectedConv2D(keras.layers.Conv2D):
+    """A convolutionalized fully connected layer (the paper's `fc6`).
+
+    The same layer, weights and output as `keras.layers.Conv2D`, computed as one
+    matrix product over the stacked shifted windows (im2col) instead of a
+    direct convolution. VGG's fc6 is a 7x7 convolution from 512 to 4096
+    channels over a small map; TensorFlow's CPU (oneDNN) convolution runs it
+    several times below the machine's matmul rate, while a 1x1 convolution over
+    the 25,088 stacked channels is a plain GEMM (measured in
+    `bench/fcn_forward.py`). The ops (PAD, STRIDED_SLICE, CONCATENATION,
+    CONV_2D) all convert to TFLite builtins.
+
+    Takes `keras.layers.Conv2D`'s arguments; strides and dilation must be 1.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if tuple(self.strides) != (1, 1) or tuple(self.dilation_rate) != (1, 1):
+            raise ValueError(
+                "FullyConnectedConv2D needs strides=1 and dilation_rate=1. Received: "
+                f"strides={self.strides}, dilation_rate={self.dilation_rate}"
+            )
+        if self.groups != 1 or self.data_format != "channels_last":
+            raise ValueError("FullyConnectedConv2D needs groups=1 and channels_last data.")
+
+    def convolution_op(self, inputs, kernel):
+        rows, cols = self.kernel_size
+        if rows == 1 and cols == 1:
+            return super().convolution_op(inputs, kernel)
+        x = inputs
+        if self.padding == "same":
+            # TensorFlow's 'same' for stride 1: (k - 1) // 2 before, the rest after.
+            top, left = (rows - 1) // 2, (cols - 1) // 2
+            x = ops.pad(x, [[0, 0], [top, rows - 1 - top], [left, cols - 1 - left], [0, 0]])
+        height = ops.shape(x)[1] - rows + 1
+        width = ops.shape(x)[2] - cols + 1
+        # Window offset (dy, dx) in kernel order, so channel dy*cols*C + dx*C + c
+        # of the stack meets kernel[dy, dx, c]: the kernel reshapes to 1x1.
+        windows = [
+            x[:, dy : dy + height, dx : dx + width, :] for dy in range(rows) for dx in range(cols)
+        ]
+        stacked = ops.concatenate(windows, axis=-1)
+        flat = ops.reshape(kernel, (1, 1, -1, kernel.shape[-1]))
+        return ops.conv(stacked, flat, strides=1, padding="valid")
