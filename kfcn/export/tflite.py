@@ -71,8 +71,6 @@ def rebuild_static(model, input_size: tuple[int, int]):
     Raises:
         ValueError: If the architecture cannot take that size.
     """
-    import keras
-
     num_classes = check_segmentation_model(model)
     height, width = parse_input_size(input_size)
     config = model.get_config()
@@ -96,7 +94,6 @@ def rebuild_static(model, input_size: tuple[int, int]):
             f"The model built at `input_size`={height}x{width} outputs shape {out_shape}; "
             f"expected {(1, height, width, num_classes)}"
         )
-    del keras
     return static
 
 

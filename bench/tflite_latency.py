@@ -1,0 +1,134 @@
+"""LiteRT latency per image (float32, float16, int8) beside TensorFlow, in one run.
+
+    python bench/tflite_latency.py --input_size 360x480
+    python bench/tflite_latency.py --model fcn8s.keras --input_size 512x512 \
+        --representative_data /work/shared/data/camvid/val --runs 30
+
+Without --model, a mobilenetv2 FCN-8s (CamVid's 11 classes) with random weights
+is built: latency does not depend on the weight values. The int8 file is
+calibrated on --representative_data (JPEG/PNG folder), or on random images if
+none is given. Every runtime sees the same image; the median and the 90th
+percentile of --runs timed calls (after --warmup calls) are reported in ms.
+"""
+
+import os
+import platform
+import sys
+import tempfile
+import time
+
+# This folder is sys.path[0] when run as a script; keep it from shadowing modules.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+from absl import app, flags  # noqa: E402
+
+MODEL = flags.DEFINE_string("model", None, "kfcn model (.keras); default: random mobilenetv2.")
+BACKBONE = flags.DEFINE_string("backbone", "mobilenetv2", "Backbone when --model is not given.")
+NUM_CLASSES = flags.DEFINE_integer("num_classes", 11, "Classes when --model is not given.")
+INPUT_SIZE = flags.DEFINE_string("input_size", "360x480", "Input size HxW.")
+REPRESENTATIVE_DATA = flags.DEFINE_string(
+    "representative_data", None, "JPEG/PNG folder for int8 calibration and the timed image."
+)
+RUNS = flags.DEFINE_integer("runs", 20, "Timed calls per runtime.")
+WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per runtime.")
+THREADS = flags.DEFINE_integer("threads", None, "LiteRT threads; default: all cores.")
+QUANTIZATIONS = flags.DEFINE_list("quantizations", ["none", "float16", "int8"],
+                                  "TFLite variants to time.")
+
+
+def _time(fn, runs, warmup):
+    import numpy as np
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    import kfcn
+    from kfcn.export import tflite as tflite_lib
+    from kfcn.export.artifacts import load_segmentation_model, parse_input_size
+
+    height, width = parse_input_size(INPUT_SIZE.value)
+    if MODEL.value:
+        model = load_segmentation_model(MODEL.value)
+        name = os.path.basename(MODEL.value)
+    else:
+        model = kfcn.build_fcn8s(
+            backbone=BACKBONE.value, num_classes=NUM_CLASSES.value, weights=None
+        )
+        name = f"{BACKBONE.value} FCN-8s (random weights)"
+    threads = THREADS.value or os.cpu_count()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = REPRESENTATIVE_DATA.value
+        if data_dir:
+            image = tflite_lib.representative_images(data_dir, (height, width), 1)[0]
+        else:
+            from PIL import Image
+
+            data_dir = os.path.join(tmp, "calibration")
+            os.makedirs(data_dir)
+            rng = np.random.default_rng(0)
+            for i in range(16):
+                Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(
+                    os.path.join(data_dir, f"{i}.png")
+                )
+            image = np.asarray(Image.open(os.path.join(data_dir, "0.png")))
+        batch = image[None].astype(np.float32)
+
+        results = []
+        serve = tf.function(lambda x: model(x, training=False))
+        median, p90 = _time(lambda: serve(batch).numpy(), RUNS.value, WARMUP.value)
+        results.append(("TensorFlow (Keras model, tf.function)", median, p90, None))
+
+        for quantization in tqdm(QUANTIZATIONS.value, desc="export + time", file=sys.stderr):
+            path = os.path.join(tmp, f"{quantization}.tflite")
+            export = tflite_lib.export_tflite(
+                model, path, (height, width), quantization=quantization,
+                representative_data=data_dir if quantization == "int8" else None,
+                num_calibration_images=32, gpu_check="warn",
+            )
+            interpreter = tflite_lib.make_interpreter(path, num_threads=threads)
+            runner = interpreter.get_signature_runner()
+            median, p90 = _time(lambda runner=runner: runner(images=batch), RUNS.value,
+                                WARMUP.value)
+            results.append((f"LiteRT {quantization}", median, p90, export.size_bytes))
+
+    import ai_edge_litert
+
+    print(f"\nModel: {name}, input 1x{height}x{width}x3")
+    print(f"Machine: {_cpu_name()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
+          f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '?')}, LiteRT threads "
+          f"{threads}; {RUNS.value} runs after {WARMUP.value} warm-up")
+    print("\n| runtime | median ms/image | p90 ms | file MB |")
+    print("|---|---:|---:|---:|")
+    for runtime, median, p90, size in results:
+        size_text = f"{size / 1e6:.1f}" if size else "-"
+        print(f"| {runtime} | {median:.1f} | {p90:.1f} | {size_text} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
