@@ -153,8 +153,9 @@ def make_train_step(
 
     Returns:
         A `tf.function` taking an iterator over the distributed dataset and
-        returning `(loss, l2)`: the global mean cross-entropy of the step and the
-        weight-decay term, both float32 scalars identical on every worker.
+        returning `(loss, l2, grad_norm)`: the global mean cross-entropy of the
+        step, the weight-decay term and the sum over replicas of the gradient
+        norms (0 under loss scaling), float32 scalars identical on every worker.
     """
     loss_fn = loss_fn or _default_loss_fn()
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
@@ -187,16 +188,24 @@ def make_train_step(
             loss = data_loss + l2
             scaled = optimizer.scale_loss(loss) if loss_scaling else loss
         grads = tape.gradient(scaled, model.trainable_variables)
+        if loss_scaling:
+            # Overflowing float16 gradients are normal: the optimizer skips the
+            # step and lowers the scale, so they must not stop training.
+            grad_norm = tf.constant(0.0)
+        else:
+            # A finite loss can still give NaN gradients (e.g. NaN inputs behind a
+            # ReLU); they would poison the weights before the loss shows it.
+            grad_norm = tf.linalg.global_norm([g for g in grads if g is not None])
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return data_loss, l2
+        return data_loss, l2, grad_norm
 
     @tf.function
-    def train_step(iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    def train_step(iterator: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         images, labels = next(iterator)
-        data_loss, l2 = strategy.run(replica_step, args=(images, labels))
-        return (
-            strategy.reduce(tf.distribute.ReduceOp.SUM, data_loss, axis=None),
-            strategy.reduce(tf.distribute.ReduceOp.SUM, l2, axis=None),
+        data_loss, l2, grad_norm = strategy.run(replica_step, args=(images, labels))
+        return tuple(
+            strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+            for value in (data_loss, l2, grad_norm)
         )
 
     return train_step
@@ -483,13 +492,12 @@ def train(
     with _Watchdog(config.step_timeout, lambda: f"at step {step}") as watchdog:
         while step < config.total_steps:
             with _collective_failures(info, step, last_saved):
-                loss, l2 = train_step(iterator)
-                loss_value, l2_value = float(loss), float(l2)
-            if not (math.isfinite(loss_value) and math.isfinite(l2_value)):
+                loss, l2, grad_norm = (float(v) for v in train_step(iterator))
+            if not all(math.isfinite(v) for v in (loss, l2, grad_norm)):
                 raise NonFiniteLossError(
-                    f"Loss is {loss_value} (l2 {l2_value}) at step {step + 1}: training stopped "
-                    f"without saving. The last good checkpoint is {last_saved}. Lower "
-                    "--learning_rate or check the input data."
+                    f"Loss is {loss} (l2 {l2}, gradient norm {grad_norm}) at step {step + 1}: "
+                    f"training stopped without saving. The last good checkpoint is {last_saved}. "
+                    "Lower --learning_rate or check the input data."
                 )
             step += 1
             window_steps += 1
@@ -511,15 +519,16 @@ def train(
                     config.total_steps,
                     (step - 1) // config.steps_per_epoch + 1,
                     math.ceil(config.total_steps / config.steps_per_epoch),
-                    loss_value,
-                    l2_value,
+                    loss,
+                    l2,
                     lr,
                     rate,
                     _format_eta(seconds_per_step * (config.total_steps - step)),
                 )
                 with train_writer.as_default():
-                    _scalar("loss", loss_value, step)
-                    _scalar("l2", l2_value, step)
+                    _scalar("loss", loss, step)
+                    _scalar("l2", l2, step)
+                    _scalar("gradient_norm", grad_norm, step)
                     _scalar("learning_rate", lr, step)
                     _scalar("images_per_second", rate, step)
                 train_writer.flush()

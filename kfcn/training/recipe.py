@@ -523,8 +523,8 @@ def run(config: TrainConfig, *, model_fn: ModelFn | None = None) -> dict[str, An
     return summary
 
 
-def main(argv: list[str]) -> None:
-    """absl entry point of the recipes: runs `run(config_from_flags())`.
+def main(argv: list[str], *, model_fn: ModelFn | None = None) -> None:
+    """absl entry point of the recipes: runs `run(config_from_flags(), model_fn=model_fn)`.
 
     Exits non-zero with a logged message on a non-finite loss (status 1) or a
     dead peer worker (status `PEER_FAILURE_EXIT_CODE`, via `os._exit` because
@@ -542,7 +542,7 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.INFO)
     try:
         config = config_from_flags()
-        summary = run(config)
+        summary = run(config, model_fn=model_fn)
     except (FlagError, data_images.DataError) as e:
         absl_logging.error("%s", e)
         sys.exit(2)

@@ -1,0 +1,348 @@
+"""Tests of kfcn.training in this process: schedules, flags, checkpoints, train step, loop."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kfcn.training import checkpoints, loop, recipe, schedules
+
+# --------------------------------------------------------------------------------------
+# Helpers
+
+
+def tiny_model(num_classes: int = 3, seed: int = 0) -> keras.Model:
+    """A BN-free stand-in with the builder's contract (0..255 images in, logits out)."""
+    images = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(images)
+    x = keras.layers.Conv2D(
+        4,
+        3,
+        padding="same",
+        activation="relu",
+        name="conv1",
+        kernel_initializer=keras.initializers.GlorotUniform(seed),
+        bias_initializer=keras.initializers.RandomUniform(-0.1, 0.1, seed=seed + 1),
+    )(x)
+    x = keras.layers.Conv2D(
+        num_classes,
+        1,
+        name="score",
+        kernel_initializer=keras.initializers.GlorotUniform(seed + 2),
+        bias_initializer=keras.initializers.RandomUniform(-0.1, 0.1, seed=seed + 3),
+    )(x)
+    return keras.Model(images, x)
+
+
+def synthetic_batches(n: int = 8, size: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32)
+    labels = (images[..., 0] > 128).astype(np.int32) + (images[..., 1] > 200).astype(np.int32)
+    labels[rng.uniform(size=labels.shape) < 0.2] = 255  # some ignored pixels
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+
+
+def test_poly_schedule_matches_formula():
+    lr, total = 0.01, 1000
+    schedule = schedules.learning_rate_schedule("poly", lr, total)
+    for step in (0, 1, 250, 999, 1000, 1500):
+        expected = lr * (1 - min(step, total) / total) ** 0.9
+        assert float(schedule(step)) == pytest.approx(expected, rel=2e-4, abs=1e-12)
+
+
+def test_fixed_schedule_and_errors():
+    assert schedules.learning_rate_schedule("fixed", 1e-4, 10) == 1e-4
+    with pytest.raises(ValueError, match="`schedule` must be one of 'poly', 'fixed'.*step"):
+        schedules.learning_rate_schedule("step", 1e-4, 10)
+    with pytest.raises(ValueError, match="total_steps=0"):
+        schedules.learning_rate_schedule("poly", 1e-4, 0)
+
+
+# --------------------------------------------------------------------------------------
+# Flags
+
+
+@pytest.mark.parametrize(
+    "text, expected", [("360x480", (360, 480)), ("256", (256, 256)), ("64X32", (64, 32))]
+)
+def test_parse_crop_size(text, expected):
+    assert recipe.parse_crop_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["360x", "axb", "0x5", "1x2x3", ""])
+def test_parse_crop_size_rejects(text):
+    with pytest.raises(recipe.FlagError, match="--crop_size"):
+        recipe.parse_crop_size(text)
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        ({"strategy": "parameter_server"}, "--strategy"),
+        ({"strategy": "mirrored", "cpu_replicas": 2, "batch_size": 3}, "--batch_size"),
+        ({"cpu_replicas": 2}, "--cpu_replicas"),
+        ({"schedule": "cosine"}, "--schedule"),
+        ({"crop_size": "12x"}, "--crop_size"),
+        ({"batch_size": 0}, "--batch_size"),
+        ({"learning_rate": 0.0}, "--learning_rate"),
+        ({"class_weighting": "inverse"}, "--class_weighting"),
+        ({"scale_range": "2,1"}, "--scale_range"),
+    ],
+)
+def test_config_validate_names_the_flag(changes, flag):
+    config = recipe.TrainConfig(model_dir="/tmp/unused", **changes)
+    with pytest.raises(recipe.FlagError, match=flag):
+        config.validate()
+
+
+def test_train_split_defaults_per_dataset():
+    assert recipe.TrainConfig("m", dataset="sbd").resolved_train_split() == "train_aug"
+    assert recipe.TrainConfig("m", dataset="voc").resolved_train_split() == "train"
+    assert recipe.TrainConfig("m", dataset="sbd", train_split="train").resolved_train_split() == (
+        "train"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Atomic writes and checkpoints
+
+
+class _FailingModel:
+    """Writes part of the file, then fails, like a process dying mid-save."""
+
+    def save(self, path, overwrite=True):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+
+def test_save_model_atomically_keeps_previous_file(tmp_path):
+    path = str(tmp_path / "model.keras")
+    model = tiny_model()
+    checkpoints.save_model_atomically(model, path)
+    before = open(path, "rb").read()
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.save_model_atomically(_FailingModel(), path)
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["model.keras"]  # no temporary file left
+    reloaded = keras.saving.load_model(path)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 5, 7, 3)).astype(np.float32)
+    np.testing.assert_allclose(reloaded(x), model(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="must end in '.keras'"):
+        checkpoints.save_model_atomically(model, str(tmp_path / "model.h5"))
+
+
+def test_write_json_atomically(tmp_path):
+    path = str(tmp_path / "flags.json")
+    checkpoints.write_json_atomically({"b": 1, "a": [1, 2]}, path)
+    assert json.load(open(path)) == {"a": [1, 2], "b": 1}
+    assert os.listdir(tmp_path) == ["flags.json"]
+
+
+def test_checkpoint_ignores_half_written_save(tmp_path):
+    step = tf.Variable(0, dtype=tf.int64)
+    ckpt = checkpoints.TrainingCheckpoint(str(tmp_path), step=step)
+    assert ckpt.restore() is None
+    step.assign(7)
+    ckpt.save(7)
+    # A save killed before the state file was replaced leaves only data files behind.
+    for name in ("ckpt-9.index", "ckpt-9.data-00000-of-00001"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"\0garbage")
+    step.assign(0)
+    fresh = checkpoints.TrainingCheckpoint(str(tmp_path), step=step)
+    assert fresh.restore().endswith("ckpt-7")
+    assert int(step.numpy()) == 7
+
+
+def test_non_chief_writes_to_a_temporary_directory_it_deletes(tmp_path):
+    step = tf.Variable(3, dtype=tf.int64)
+    worker = checkpoints.TrainingCheckpoint(str(tmp_path), is_chief=False, task_id=1, step=step)
+    assert worker.save(3) is None
+    assert os.listdir(tmp_path) == []  # neither the chief's directory nor a leftover
+    chief = checkpoints.TrainingCheckpoint(str(tmp_path), step=step)
+    chief.save(3)
+    step.assign(0)
+    assert worker.restore().endswith(os.path.join("checkpoints", "ckpt-3"))  # chief's files
+    assert int(step.numpy()) == 3
+
+
+# --------------------------------------------------------------------------------------
+# The train step against an independent computation
+
+
+def test_train_step_matches_hand_computed_sgd_update():
+    """One SGD step equals w - lr * (d mean_CE / dw + wd * w) with biases not decayed."""
+    lr, wd = 0.5, 0.01
+    images, labels = synthetic_batches(4, 6)
+    class_weights = np.array([1.0, 2.0, 0.5], np.float32)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = tiny_model()
+        optimizer = keras.optimizers.SGD(lr)
+    reference = tiny_model()
+    reference.set_weights(model.get_weights())
+
+    # Independent: Keras' sparse CE with per-pixel weights, mean over the weights' sum.
+    valid = labels != 255
+    pixel_weights = np.where(valid, class_weights[np.where(valid, labels, 0)], 0.0)
+    with tf.GradientTape() as tape:
+        logits = reference(images)
+        ce = keras.losses.sparse_categorical_crossentropy(
+            np.where(valid, labels, 0), logits, from_logits=True
+        )
+        data_loss = tf.reduce_sum(ce * pixel_weights) / pixel_weights.sum()
+    grads = tape.gradient(data_loss, reference.trainable_variables)
+    expected = []
+    for variable, grad in zip(reference.trainable_variables, grads):
+        decay = wd * variable.numpy() if variable.name == "kernel" else 0.0
+        expected.append(variable.numpy() - lr * (grad.numpy() + decay))
+    kernels = [v.numpy() for v in reference.trainable_variables if v.name == "kernel"]
+    expected_l2 = 0.5 * wd * sum(float((k**2).sum()) for k in kernels)
+
+    step = loop.make_train_step(
+        strategy, model, optimizer, class_weights=class_weights, weight_decay=wd
+    )
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: tf.data.Dataset.from_tensors((images, labels)).repeat()
+    )
+    loss, l2, grad_norm = step(iter(dataset))
+    assert float(loss) == pytest.approx(float(data_loss), rel=1e-5)
+    assert float(l2) == pytest.approx(expected_l2, rel=1e-5)
+    for got, want in zip(model.trainable_variables, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# evaluate() against numpy
+
+
+def _argmax_rgb_model() -> keras.Model:
+    """Predicts the class of the largest of R, G, B (identity 1x1 conv)."""
+    images = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(3, 1, use_bias=False)
+    model = keras.Model(images, conv(images))
+    conv.set_weights([np.eye(3, dtype=np.float32)[None, None]])
+    return model
+
+
+def test_evaluate_matches_numpy_scores():
+    rng = np.random.default_rng(3)
+    elements = []
+    confusion = np.zeros((3, 3), np.int64)
+    for shape in ((5, 7), (4, 4), (6, 3)):
+        image = rng.uniform(0, 255, (1, *shape, 3)).astype(np.float32)
+        label = rng.integers(0, 3, (1, *shape)).astype(np.int32)
+        label[0, 0, :] = 255
+        elements.append((image, label))
+        pred = image.argmax(-1)
+        for t, p in zip(label.ravel(), pred.ravel()):
+            if t != 255:
+                confusion[t, p] += 1
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(elements),
+        output_signature=(
+            tf.TensorSpec([1, None, None, 3], tf.float32),
+            tf.TensorSpec([1, None, None], tf.int32),
+        ),
+    )
+    scores = loop.evaluate(_argmax_rgb_model(), dataset, num_classes=3, ignore_label=255)
+    iou = [
+        confusion[c, c] / (confusion[c].sum() + confusion[:, c].sum() - confusion[c, c])
+        for c in range(3)
+    ]
+    assert scores["confusion"] == confusion.tolist()
+    assert scores["num_images"] == 3
+    assert scores["mean_iou"] == pytest.approx(np.mean(iou))
+    assert scores["pixel_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
+
+
+# --------------------------------------------------------------------------------------
+# The loop: resume and NaN
+
+
+def _train(model_dir, total_steps, *, poison_from=None, lr=0.05, checkpoint_every=2):
+    images, labels = synthetic_batches(16, 8)
+    if poison_from is not None:
+        images = images.copy()
+        images[poison_from * 2 :] = np.nan  # batches of 2 from this step on are NaN
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = tiny_model()
+        optimizer = keras.optimizers.SGD(
+            schedules.learning_rate_schedule("poly", lr, total_steps), momentum=0.9
+        )
+
+    def train_fn(context, start_step):
+        # Deterministic order that continues where the checkpoint left off.
+        ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2).repeat()
+        return ds.skip(start_step % 8)
+
+    def eval_fn(num_shards, index):
+        return tf.data.Dataset.from_tensor_slices((images[:4, None], labels[:4, None]))
+
+    result = loop.train(
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        train_dataset_fn=train_fn,
+        config=loop.LoopConfig(
+            total_steps=total_steps,
+            steps_per_epoch=8,
+            global_batch_size=2,
+            checkpoint_every=checkpoint_every,
+            eval_every=4,
+            log_every=1,
+            weight_decay=1e-4,
+        ),
+        model_dir=str(model_dir),
+        num_classes=3,
+        eval_dataset_fn=eval_fn,
+    )
+    return result, model, optimizer
+
+
+def test_loop_resumes_where_it_stopped(tmp_path):
+    first, _, _ = _train(tmp_path / "resumed", 5)
+    assert (first.start_step, first.final_step) == (0, 5)
+    assert first.checkpoint.endswith("ckpt-5")
+    assert first.metrics["num_images"] == 4
+    second, model, optimizer = _train(tmp_path / "resumed", 9)
+    assert (second.start_step, second.final_step) == (5, 9)
+    assert int(optimizer.iterations.numpy()) == 9  # optimizer state came back too
+    # Summaries for TensorBoard were written by the chief.
+    assert os.listdir(tmp_path / "resumed" / "logs" / "train")
+    assert os.listdir(tmp_path / "resumed" / "logs" / "validation")
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Stopping at step 4 (checkpoint) and resuming gives the uninterrupted result."""
+    _, straight, _ = _train(tmp_path / "straight", 8, checkpoint_every=4)
+    _train(tmp_path / "interrupted", 8, checkpoint_every=4)  # leaves ckpt-4 and ckpt-8
+    os.remove(tmp_path / "interrupted" / "checkpoints" / "ckpt-8.index")
+    # Point the state file back to ckpt-4, as if the process died before step 8.
+    state = tmp_path / "interrupted" / "checkpoints" / "checkpoint"
+    state.write_text('model_checkpoint_path: "ckpt-4"\nall_model_checkpoint_paths: "ckpt-4"\n')
+    result, resumed, _ = _train(tmp_path / "interrupted", 8, checkpoint_every=4)
+    assert result.start_step == 4
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(loop.NonFiniteLossError, match=r"Loss is .*nan.* at step 5: .*ckpt-4"):
+        _train(tmp_path, 8, poison_from=4)
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-4")
+
+
+def test_loop_config_errors():
+    with pytest.raises(ValueError, match="total_steps=0"):
+        loop.LoopConfig(total_steps=0, steps_per_epoch=1, global_batch_size=1, checkpoint_every=1)
