@@ -180,6 +180,39 @@ def write_warmup_requests(
     return records
 
 
+def replay_warmup_requests(version_dir: str | os.PathLike) -> int:
+    """Runs every warmup record through the SavedModel, as the server does at load.
+
+    A warmup request that fails makes TF Serving refuse the version, so exports
+    check this before publishing one.
+
+    Returns:
+        The number of records replayed.
+
+    Raises:
+        RuntimeError: If a record names an unknown signature or its run fails.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    version_dir = os.fspath(version_dir)
+    path = os.path.join(version_dir, WARMUP_FILE)
+    loaded = tf.saved_model.load(version_dir)
+    count = 0
+    for record in tf.data.TFRecordDataset(path):
+        request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+        name = request.model_spec.signature_name or saved_model_lib.SIGNATURE_IMAGES
+        if name not in loaded.signatures:
+            raise RuntimeError(f"Warmup record {count} names unknown signature {name!r}")
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        try:
+            loaded.signatures[name](**inputs)
+        except tf.errors.OpError as err:
+            raise RuntimeError(f"Warmup record {count} ({name}) fails: {err.message}") from err
+        count += 1
+    return count
+
+
 def _write_text_atomically(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -337,7 +370,8 @@ def export_for_serving(
             base_path/batching_parameters.txt.
         config_model_base_path: The model directory as the server sees it, for
             models.config; default: the absolute local path.
-        verify: Reload the SavedModel and run both signatures before publishing.
+        verify: Reload the SavedModel, run both signatures and replay the warmup
+            requests before publishing the version.
 
     Returns:
         A `ServingExport` with the paths written.
@@ -380,6 +414,8 @@ def export_for_serving(
             write_warmup_requests(os.path.join(tmp, WARMUP_FILE), model_name, warmup_sizes)
         if verify:
             saved_model_lib.verify_saved_model(tmp, include_probabilities)
+            if warmup_sizes:
+                replay_warmup_requests(tmp)
         replace_path(tmp, version_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
