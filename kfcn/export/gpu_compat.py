@@ -202,7 +202,9 @@ def _enum_names(enum_class) -> dict[int, str]:
 
 
 @dataclasses.dataclass
-class _Tensor:
+class TensorInfo:
+    """A tensor as an operator sees it: index, shape, shape signature, type name, constness."""
+
     id: int
     shape: tuple[int, ...]
     signature: tuple[int, ...]
@@ -211,17 +213,19 @@ class _Tensor:
 
 
 @dataclasses.dataclass
-class _Op:
+class Operator:
+    """One operator of subgraph 0: builtin name (or custom code), version, options, tensors."""
+
     index: int
     name: str
     version: int
     options: object
-    inputs: list[_Tensor | None]
-    outputs: list[_Tensor]
+    inputs: list[TensorInfo | None]
+    outputs: list[TensorInfo]
     custom: bool
 
 
-def read_operators(model: str | os.PathLike | bytes) -> list[_Op]:
+def read_operators(model: str | os.PathLike | bytes) -> list[Operator]:
     """Parses a .tflite flatbuffer into a list of operators of subgraph 0.
 
     Args:
@@ -257,7 +261,7 @@ def read_operators(model: str | os.PathLike | bytes) -> list[_Op]:
         has_data = buffer.data is not None and len(buffer.data) > 0
         return has_data or buffer.size > 0
 
-    def tensor(i: int) -> _Tensor | None:
+    def tensor(i: int) -> TensorInfo | None:
         if i < 0:  # optional input left out
             return None
         t = subgraph.tensors[i]
@@ -265,7 +269,7 @@ def read_operators(model: str | os.PathLike | bytes) -> list[_Op]:
         signature = shape
         if t.shapeSignature is not None:
             signature = tuple(int(d) for d in t.shapeSignature)
-        return _Tensor(i, shape, signature, type_names.get(t.type, str(t.type)), const(t))
+        return TensorInfo(i, shape, signature, type_names.get(t.type, str(t.type)), const(t))
 
     ops = []
     for index, op in enumerate(subgraph.operators or ()):
@@ -278,7 +282,7 @@ def read_operators(model: str | os.PathLike | bytes) -> list[_Op]:
             custom_code = code.customCode
             name = custom_code.decode() if isinstance(custom_code, bytes) else str(custom_code)
         ops.append(
-            _Op(
+            Operator(
                 index=index,
                 name=name,
                 version=int(code.version),
@@ -291,7 +295,7 @@ def read_operators(model: str | os.PathLike | bytes) -> list[_Op]:
     return ops
 
 
-def _is_fp16_weight_dequantize(op: _Op) -> bool:
+def _is_fp16_weight_dequantize(op: Operator) -> bool:
     # float16 weights: FP16GraphPartitionHelper drops DEQUANTIZE nodes of fp16
     # constants (whatever their version) and feeds the constants to their consumers.
     if op.name != "DEQUANTIZE" or not op.inputs or op.inputs[0] is None:
@@ -299,7 +303,7 @@ def _is_fp16_weight_dequantize(op: _Op) -> bool:
     return op.inputs[0].dtype == "FLOAT16" and op.inputs[0].is_const
 
 
-def _runtime_inputs(op: _Op) -> list[_Tensor]:
+def _runtime_inputs(op: Operator) -> list[TensorInfo]:
     return [t for t in op.inputs if t is not None and not t.is_const]
 
 
@@ -310,7 +314,7 @@ def _activation_reason(options) -> str | None:
     return None
 
 
-def _broadcast_reason(a: _Tensor, b: _Tensor) -> str | None:
+def _broadcast_reason(a: TensorInfo, b: TensorInfo) -> str | None:
     # gpu_compatibility.cc: with enhanced broadcast (the offline default), any
     # numpy-broadcastable pair of ranks > 1 is accepted.
     if len(a.shape) > 1 and len(b.shape) > 1 and len(a.shape) != len(b.shape):
@@ -324,7 +328,7 @@ def _broadcast_reason(a: _Tensor, b: _Tensor) -> str | None:
     return None
 
 
-def _op_reason(op: _Op, allow_quant_ops: bool) -> str | None:
+def _op_reason(op: Operator, allow_quant_ops: bool) -> str | None:
     """The delegate's reason to reject `op`, or None if it runs it."""
     name, o = op.name, op.options
     if _is_fp16_weight_dequantize(op):
@@ -485,7 +489,7 @@ def _op_reason(op: _Op, allow_quant_ops: bool) -> str | None:
     return None
 
 
-def _tensor_type_reason(op: _Op, allow_quant_ops: bool) -> str | None:
+def _tensor_type_reason(op: Operator, allow_quant_ops: bool) -> str | None:
     # model_builder.cc: runtime tensors are float (or int8/uint8 for quantized
     # models); logical ops may produce BOOL, CAST and index inputs may be INT32.
     allowed = {"FLOAT32", "FLOAT16"} | ({"INT8", "UINT8"} if allow_quant_ops else set())
