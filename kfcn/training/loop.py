@@ -129,6 +129,17 @@ def _is_kernel(variable: Any) -> bool:
     return variable.name.endswith("kernel")
 
 
+def _build_optimizer(
+    strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> None:
+    # Slot variables must exist before a checkpoint is restored and before the
+    # step is traced: created inside the first tf.function call, they make TF wrap
+    # the step in an initialization cond that fails under MirroredStrategy.
+    if not optimizer.built:
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+
+
 def make_train_step(
     strategy: tf.distribute.Strategy,
     model: keras.Model,
@@ -158,6 +169,7 @@ def make_train_step(
         norms (0 under loss scaling), float32 scalars identical on every worker.
     """
     loss_fn = loss_fn or _default_loss_fn()
+    _build_optimizer(strategy, model, optimizer)
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
     kernels = [v for v in model.trainable_variables if _is_kernel(v)]
     num_replicas = strategy.num_replicas_in_sync
@@ -413,8 +425,7 @@ def train(
         PeerFailureError: when a collective fails because a worker died.
     """
     info = worker_info(strategy)
-    with strategy.scope():
-        optimizer.build(model.trainable_variables)
+    _build_optimizer(strategy, model, optimizer)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     checkpoint = TrainingCheckpoint(
         model_dir,
