@@ -310,6 +310,17 @@ def _train(model_dir, total_steps, *, poison_from=None, lr=0.05, checkpoint_ever
     return result, model, optimizer
 
 
+def _scalar_tags(directory) -> set[str]:
+    tags = set()
+    for name in os.listdir(directory):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(directory, name)):
+            for value in event.summary.value:
+                assert value.metadata.plugin_data.plugin_name == "scalars"
+                assert tf.make_ndarray(value.tensor).shape == ()
+                tags.add(value.tag)
+    return tags
+
+
 def test_loop_resumes_where_it_stopped(tmp_path):
     first, _, _ = _train(tmp_path / "resumed", 5)
     assert (first.start_step, first.final_step) == (0, 5)
@@ -318,9 +329,17 @@ def test_loop_resumes_where_it_stopped(tmp_path):
     second, model, optimizer = _train(tmp_path / "resumed", 9)
     assert (second.start_step, second.final_step) == (5, 9)
     assert int(optimizer.iterations.numpy()) == 9  # optimizer state came back too
-    # Summaries for TensorBoard were written by the chief.
-    assert os.listdir(tmp_path / "resumed" / "logs" / "train")
-    assert os.listdir(tmp_path / "resumed" / "logs" / "validation")
+    # TensorBoard scalars (the scalars plugin's events) were written by the chief.
+    assert _scalar_tags(tmp_path / "resumed" / "logs" / "train") >= {
+        "loss",
+        "learning_rate",
+        "l2",
+        "images_per_second",
+    }
+    assert _scalar_tags(tmp_path / "resumed" / "logs" / "validation") >= {
+        "mean_iou",
+        "pixel_accuracy",
+    }
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
