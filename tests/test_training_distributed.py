@@ -374,3 +374,26 @@ def test_bad_flags_fail_naming_the_flag(tmp_path, camvid, driver, args, message)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_watchdog_ends_a_stuck_process(tmp_path):
+    """A process blocked without progress (as in a collective with a dead peer) exits."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import logging, time
+            logging.basicConfig(level=logging.INFO)
+            from kfcn.training import loop
+            with loop._Watchdog(1.0, lambda: "at step 7"):
+                time.sleep(60)
+            """
+        )
+    )
+    start = time.monotonic()
+    out = subprocess.run(
+        [PYTHON, str(script)], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "No training progress for" in out.stderr and "at step 7" in out.stderr
+    assert time.monotonic() - start < 50
