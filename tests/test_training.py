@@ -391,3 +391,26 @@ def test_loss_scale_optimizer_step_equals_plain_step():
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert not np.allclose(results[0][0], tiny_model().get_weights()[0])
+
+
+def test_restore_into_a_different_setup_names_the_flags(tmp_path):
+    saved = checkpoints.TrainingCheckpoint(str(tmp_path), weights=tf.Variable(tf.zeros([2])))
+    saved.save(1)
+    other = checkpoints.TrainingCheckpoint(str(tmp_path), weights=tf.Variable(tf.zeros([3])))
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="--backbone.*new --model_dir"):
+        other.restore()
+
+
+def test_set_batch_norm_momentum():
+    images = keras.Input((None, None, 3))
+    x = keras.layers.BatchNormalization(momentum=0.999)(images)
+    inner = keras.Model(images, keras.layers.BatchNormalization(momentum=0.999)(x))
+    outer = keras.Model(images, keras.layers.Conv2D(2, 1)(inner(images)))
+    assert recipe.set_batch_norm_momentum(outer, 0.9) == 2
+    layers = [layer for layer in inner.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert [layer.momentum for layer in layers] == [0.9, 0.9]
+    # Inference statistics now follow the batches at the new rate: one update moves
+    # the moving mean 10% of the way (not 0.1%).
+    batch = np.full((2, 4, 4, 3), 10.0, np.float32)
+    layers[0](batch, training=True)
+    np.testing.assert_allclose(layers[0].moving_mean.numpy(), 1.0, rtol=1e-5)

@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
+class CheckpointMismatchError(ValueError):
+    """The latest checkpoint does not fit the model/optimizer built from the current flags."""
+
+
 class TrainingCheckpoint:
     """Saves and restores the training state of one worker.
 
@@ -69,6 +73,9 @@ class TrainingCheckpoint:
 
         Returns:
             The restored checkpoint's path prefix, or None when starting fresh.
+
+        Raises:
+            CheckpointMismatchError: if the checkpoint's variables do not fit.
         """
         path = self.latest
         if path is None:
@@ -76,7 +83,15 @@ class TrainingCheckpoint:
         # Every saved object must find its counterpart: a mismatch means the
         # flags changed (other backbone/variant) and silently training a
         # half-restored model would be worse than failing.
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+        try:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as e:
+            raise CheckpointMismatchError(
+                f"Cannot resume from {path}: it does not fit the model and optimizer built "
+                f"from the current flags ({str(e).splitlines()[0][:300]}). Were --backbone, "
+                "--variant, --optimizer or --schedule changed since it was written? Rerun with "
+                "the original flags, or use a new --model_dir."
+            ) from e
         logger.info("Restored checkpoint %s", path)
         return path
 

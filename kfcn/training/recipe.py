@@ -565,7 +565,7 @@ def main(argv: list[str], *, model_fn: ModelFn | None = None) -> None:
     from absl import logging as absl_logging
 
     from kfcn.data import images as data_images
-    from kfcn.training import loop
+    from kfcn.training import checkpoints, loop
 
     if len(argv) > 1:
         raise ValueError(f"Unexpected positional arguments: {argv[1:]}")
@@ -573,7 +573,7 @@ def main(argv: list[str], *, model_fn: ModelFn | None = None) -> None:
     try:
         config = config_from_flags()
         summary = run(config, model_fn=model_fn)
-    except (FlagError, data_images.DataError) as e:
+    except (FlagError, data_images.DataError, checkpoints.CheckpointMismatchError) as e:
         absl_logging.error("%s", e)
         sys.exit(2)
     except loop.NonFiniteLossError as e:
