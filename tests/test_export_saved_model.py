@@ -193,6 +193,8 @@ def _png(height, width, channels=3):
         ("serving_default", np.zeros((1, 0, 8, 3), np.uint8), "0-pixel"),
         ("serving_default", np.zeros((1, 8, 0, 3), np.uint8), "0-pixel"),
         ("serving_default", np.zeros((1, 65, 64, 3), np.uint8), "max_pixels=4096"),
+        ("serving_default", np.zeros((0, 8, 8, 3), np.uint8), "at least one image"),
+        ("serving_bytes", np.zeros((0,), object), "at least one image"),
     ],
 )
 def test_bad_requests_fail_with_invalid_argument(limited, signature, value, message):

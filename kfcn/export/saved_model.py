@@ -15,10 +15,10 @@ preprocessing, so the graph takes 0..255 RGB as is.
 Bad requests fail inside the graph with `tf.debugging.assert_*`, so TensorFlow
 Serving answers INVALID_ARGUMENT with a readable message: wrong channel count,
 0-pixel images, images above `max_pixels`, empty strings, bytes that are neither
-JPEG nor PNG, images of different sizes in one request. The channel dimension of
-`images` is left unknown in the signature on purpose: a static 3 would let the
-graph optimizer fold the channel check away, and TensorFlow Serving does not check
-fed shapes against the signature.
+JPEG nor PNG, images of different sizes in one request, empty batches. The
+channel dimension of `images` is left unknown in the signature on purpose: a
+static 3 would let the graph optimizer fold the channel check away, and
+TensorFlow Serving does not check fed shapes against the signature.
 
 Loading needs TensorFlow only (no kfcn import):
 
@@ -102,6 +102,9 @@ def _serving_module_class():
         def _serve_images(self, images):
             shape = tf.shape(images)
             checks = [
+                tf.debugging.assert_positive(
+                    shape[0], message="`images` must hold at least one image (batch size 0)"
+                ),
                 tf.debugging.assert_equal(
                     shape[3],
                     3,
@@ -163,7 +166,12 @@ def _serving_module_class():
 
         def _serve_bytes(self, image_bytes):
             count = tf.shape(image_bytes, out_type=tf.int64)[0]
-            indices = tf.range(count)
+            with tf.control_dependencies([
+                tf.debugging.assert_positive(
+                    count, message="`image_bytes` must hold at least one image (batch size 0)"
+                )
+            ]):
+                indices = tf.range(count)
             sizes = tf.map_fn(
                 self._header_size,
                 (indices, image_bytes),
