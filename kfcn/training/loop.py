@@ -48,7 +48,7 @@ EvalDatasetFn = Callable[[int, int], tf.data.Dataset]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the run stopped before saving."""
+    """The loss (or its gradient) became NaN or infinite; the run stopped before saving."""
 
 
 class PeerFailureError(RuntimeError):
@@ -420,8 +420,8 @@ def train(
         A `TrainResult`.
 
     Raises:
-        NonFiniteLossError: when the loss becomes NaN or infinite; nothing is
-            saved after the last finite step.
+        NonFiniteLossError: when the loss, the L2 term or the gradient norm
+            becomes NaN or infinite; nothing is saved after the last good step.
         PeerFailureError: when a collective fails because a worker died.
     """
     info = worker_info(strategy)
@@ -439,7 +439,7 @@ def train(
     start_step = int(step_var.numpy())
     if restored:
         logger.info(
-            "Resuming from step %d (epoch %d) of %d, checkpoint %s",
+            "Resuming from step %d (%d epochs done) of %d, checkpoint %s",
             start_step,
             start_step // config.steps_per_epoch,
             config.total_steps,
