@@ -9,6 +9,8 @@ is built: latency does not depend on the weight values. The int8 file is
 calibrated on --representative_data (JPEG/PNG folder), or on random images if
 none is given. Every runtime sees the same image; the median and the 90th
 percentile of --runs timed calls (after --warmup calls) are reported in ms.
+With --parity_data, each file's per-pixel argmax agreement with the Keras model
+on those images is reported too.
 """
 
 import os
@@ -30,11 +32,17 @@ INPUT_SIZE = flags.DEFINE_string("input_size", "360x480", "Input size HxW.")
 REPRESENTATIVE_DATA = flags.DEFINE_string(
     "representative_data", None, "JPEG/PNG folder for int8 calibration and the timed image."
 )
+NUM_CALIBRATION = flags.DEFINE_integer("num_calibration_images", 100, "Images for int8.")
 RUNS = flags.DEFINE_integer("runs", 20, "Timed calls per runtime.")
 WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per runtime.")
 THREADS = flags.DEFINE_integer("threads", None, "LiteRT threads; default: all cores.")
 QUANTIZATIONS = flags.DEFINE_list("quantizations", ["none", "float16", "int8"],
                                   "TFLite variants to time.")
+PARITY_DATA = flags.DEFINE_string(
+    "parity_data", None, "JPEG/PNG folder: also report the per-pixel argmax agreement of each "
+    "TFLite file with the Keras model on these images (resized to cover, center-cropped)."
+)
+PARITY_IMAGES = flags.DEFINE_integer("parity_images", 101, "Images used for --parity_data.")
 
 
 def _time(fn, runs, warmup):
@@ -102,20 +110,28 @@ def main(argv):
         results = []
         serve = tf.function(lambda x: model(x, training=False))
         median, p90 = _time(lambda: serve(batch).numpy(), RUNS.value, WARMUP.value)
-        results.append(("TensorFlow (Keras model, tf.function)", median, p90, None))
+        results.append(("TensorFlow (Keras model, tf.function)", median, p90, None, None))
+        parity_images = None
+        if PARITY_DATA.value:
+            parity_images = tflite_lib.representative_images(
+                PARITY_DATA.value, (height, width), PARITY_IMAGES.value
+            )
 
         for quantization in tqdm(QUANTIZATIONS.value, desc="export + time", file=sys.stderr):
             path = os.path.join(tmp, f"{quantization}.tflite")
             export = tflite_lib.export_tflite(
                 model, path, (height, width), quantization=quantization,
                 representative_data=data_dir if quantization == "int8" else None,
-                num_calibration_images=32, gpu_check="warn",
+                num_calibration_images=NUM_CALIBRATION.value, gpu_check="warn",
             )
             interpreter = tflite_lib.make_interpreter(path, num_threads=threads)
             runner = interpreter.get_signature_runner()
             median, p90 = _time(lambda runner=runner: runner(images=batch), RUNS.value,
                                 WARMUP.value)
-            results.append((f"LiteRT {quantization}", median, p90, export.size_bytes))
+            agreement = None
+            if parity_images:
+                agreement = tflite_lib.pixel_agreement(model, path, parity_images)
+            results.append((f"LiteRT {quantization}", median, p90, export.size_bytes, agreement))
 
     import ai_edge_litert
 
@@ -123,11 +139,15 @@ def main(argv):
     print(f"Machine: {_cpu_name()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
           f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '?')}, LiteRT threads "
           f"{threads}; {RUNS.value} runs after {WARMUP.value} warm-up")
-    print("\n| runtime | median ms/image | p90 ms | file MB |")
-    print("|---|---:|---:|---:|")
-    for runtime, median, p90, size in results:
-        size_text = f"{size / 1e6:.1f}" if size else "-"
-        print(f"| {runtime} | {median:.1f} | {p90:.1f} | {size_text} |")
+    if parity_images:
+        print(f"Agreement: pixels whose argmax matches the Keras model, over "
+              f"{len(parity_images)} images from {PARITY_DATA.value}")
+    print("\n| runtime | median ms/image | p90 ms | file MB | agreement |")
+    print("|---|---:|---:|---:|---:|")
+    for runtime, median, p90, size, agreement in results:
+        size_text = f"{size / 1e6:.2f}" if size else "-"
+        agreement_text = f"{agreement * 100:.3f}%" if agreement is not None else "-"
+        print(f"| {runtime} | {median:.1f} | {p90:.1f} | {size_text} | {agreement_text} |")
 
 
 if __name__ == "__main__":
