@@ -76,8 +76,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         for v in ("b0", "b1", "b2", "b3", "s", "m", "l")
     },
     **{
-        f"convnext{size}": BackboneSpec(f"ConvNeXt{size.capitalize()}", "none")
-        for size in ("tiny", "small", "base", "large", "xlarge")
+        f"convnext{size.lower()}": BackboneSpec(f"ConvNeXt{size}", "none")
+        for size in ("Tiny", "Small", "Base", "Large", "XLarge")
     },
     "densenet121": BackboneSpec("DenseNet121", "torch", _DENSENET_TAPS),
     "densenet169": BackboneSpec("DenseNet169", "torch", _DENSENET_TAPS),
