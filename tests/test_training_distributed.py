@@ -397,3 +397,20 @@ def test_watchdog_ends_a_stuck_process(tmp_path):
     assert out.returncode == 3, out.stderr[-2000:]
     assert "No training progress for" in out.stderr and "at step 7" in out.stderr
     assert time.monotonic() - start < 50
+
+
+def test_train_voc_accepts_only_its_datasets(tmp_path):
+    out = subprocess.run(
+        [
+            PYTHON,
+            os.path.join(REPO, "recipes", "train_voc.py"),
+            "--dataset=camvid",
+            f"--model_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "--dataset" in out.stderr and "voc" in out.stderr and "sbd" in out.stderr

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import keras
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
 
 SCHEDULES = ("poly", "fixed")
 
@@ -37,6 +40,8 @@ def learning_rate_schedule(
         raise ValueError(f"`total_steps` must be >= 1. Received: total_steps={total_steps}")
     if name == "fixed":
         return float(learning_rate)
+    import keras
+
     return keras.optimizers.schedules.PolynomialDecay(
         initial_learning_rate=learning_rate,
         decay_steps=total_steps,

@@ -14,9 +14,13 @@ import dataclasses
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
+if TYPE_CHECKING:
+    import tensorflow as tf
 
+# TensorFlow is imported inside the functions: the recipes read STRATEGIES to
+# check their flags, and a flag error should not wait for TensorFlow to load.
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
 
 logger = logging.getLogger(__name__)
@@ -38,6 +42,8 @@ def configure_cpu_replicas(num_replicas: int) -> None:
         RuntimeError: if the TensorFlow runtime is already initialized with a
             different number of logical CPU devices.
     """
+    import tensorflow as tf
+
     if num_replicas < 1:
         raise ValueError(f"`cpu_replicas` must be >= 1. Received: cpu_replicas={num_replicas}")
     if num_replicas == 1 or tf.config.list_physical_devices("GPU"):
@@ -95,6 +101,8 @@ def create_strategy(
     Raises:
         ValueError: on an unknown `name`.
     """
+    import tensorflow as tf
+
     if name not in STRATEGIES:
         raise ValueError(
             f"`strategy` must be one of {', '.join(repr(s) for s in STRATEGIES)}. "
