@@ -3,9 +3,11 @@
 Measures, in one run: a large float32 matmul (the machine's practical peak),
 then the FCN-8s VGG16 forward pass at 512x512 (batch 1), eagerly through
 `model.predict`, through a `tf.function`, and through an XLA-compiled
-`tf.function`. The FCN's FLOPs are counted from its layers (2 * multiply-adds of
-every convolution and transposed convolution), so the achieved FLOP/s can be
-compared with the matmul's.
+`tf.function`, and the same under Keras' `mixed_bfloat16` policy (bfloat16
+compute, float32 weights and logits; CPUs with AMX or AVX512-BF16 run it on
+their bfloat16 units). The FCN's FLOPs are counted from its layers (2 *
+multiply-adds of every convolution and transposed convolution), so the achieved
+FLOP/s can be compared with the float32 matmul's.
 
     python bench/fcn_forward.py [--size 512] [--repeats 5] [--backbone vgg16]
 """
@@ -82,10 +84,16 @@ def main() -> None:
     peak = matmul_rate(repeats=args.repeats)
     graph = tf.function(lambda x: model(x, training=False))
     xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    bf16_model = kfcn.build_fcn8s(backbone=args.backbone, input_shape=(args.size, args.size, 3))
+    keras.mixed_precision.set_global_policy("float32")
+    bf16_model.set_weights(model.get_weights())
+    bf16 = tf.function(lambda x: bf16_model(x, training=False))
     runs = {
         "model.predict": lambda: model.predict(images, verbose=0),
         "tf.function": lambda: graph(images).numpy(),
         "tf.function(jit_compile=True)": lambda: xla(images).numpy(),
+        "tf.function, mixed_bfloat16": lambda: bf16(images).numpy(),
     }
     print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, TF {tf.__version__}")
     print(f"matmul 4096^3 float32: {peak / 1e9:.1f} GFLOP/s")

@@ -292,3 +292,14 @@ def test_every_table_entry_names_a_keras_application():
     for name, spec in backbones.BACKBONES.items():
         assert callable(getattr(keras.applications, spec.constructor, None)), name
         assert spec.preprocessing in ("caffe", "tf", "torch", "none"), name
+
+
+def test_mixed_bfloat16_policy_keeps_float32_logits():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = kfcn.build_fcn8s(backbone="mobilenetv2", num_classes=3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("score_fr").compute_dtype == "bfloat16"
+    out = model(_images(33, 47))
+    assert out.dtype == "float32" and out.shape == (1, 33, 47, 3)
