@@ -36,11 +36,14 @@ NUM_CALIBRATION = flags.DEFINE_integer("num_calibration_images", 100, "Images fo
 RUNS = flags.DEFINE_integer("runs", 20, "Timed calls per runtime.")
 WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per runtime.")
 THREADS = flags.DEFINE_integer("threads", None, "LiteRT threads; default: all cores.")
-QUANTIZATIONS = flags.DEFINE_list("quantizations", ["none", "float16", "int8"],
-                                  "TFLite variants to time.")
+QUANTIZATIONS = flags.DEFINE_list(
+    "quantizations", ["none", "float16", "int8"], "TFLite variants to time."
+)
 PARITY_DATA = flags.DEFINE_string(
-    "parity_data", None, "JPEG/PNG folder: also report the per-pixel argmax agreement of each "
-    "TFLite file with the Keras model on these images (resized to cover, center-cropped)."
+    "parity_data",
+    None,
+    "JPEG/PNG folder: also report the per-pixel argmax agreement of each "
+    "TFLite file with the Keras model on these images (resized to cover, center-cropped).",
 )
 PARITY_IMAGES = flags.DEFINE_integer("parity_images", 101, "Images used for --parity_data.")
 
@@ -120,14 +123,19 @@ def main(argv):
         for quantization in tqdm(QUANTIZATIONS.value, desc="export + time", file=sys.stderr):
             path = os.path.join(tmp, f"{quantization}.tflite")
             export = tflite_lib.export_tflite(
-                model, path, (height, width), quantization=quantization,
+                model,
+                path,
+                (height, width),
+                quantization=quantization,
                 representative_data=data_dir if quantization == "int8" else None,
-                num_calibration_images=NUM_CALIBRATION.value, gpu_check="warn",
+                num_calibration_images=NUM_CALIBRATION.value,
+                gpu_check="warn",
             )
             interpreter = tflite_lib.make_interpreter(path, num_threads=threads)
             runner = interpreter.get_signature_runner()
-            median, p90 = _time(lambda runner=runner: runner(images=batch), RUNS.value,
-                                WARMUP.value)
+            median, p90 = _time(
+                lambda runner=runner: runner(images=batch), RUNS.value, WARMUP.value
+            )
             agreement = None
             if parity_images:
                 agreement = tflite_lib.pixel_agreement(model, path, parity_images)
@@ -136,12 +144,16 @@ def main(argv):
     import ai_edge_litert
 
     print(f"\nModel: {name}, input 1x{height}x{width}x3")
-    print(f"Machine: {_cpu_name()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
-          f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '?')}, LiteRT threads "
-          f"{threads}; {RUNS.value} runs after {WARMUP.value} warm-up")
+    print(
+        f"Machine: {_cpu_name()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
+        f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '?')}, LiteRT threads "
+        f"{threads}; {RUNS.value} runs after {WARMUP.value} warm-up"
+    )
     if parity_images:
-        print(f"Agreement: pixels whose argmax matches the Keras model, over "
-              f"{len(parity_images)} images from {PARITY_DATA.value}")
+        print(
+            f"Agreement: pixels whose argmax matches the Keras model, over "
+            f"{len(parity_images)} images from {PARITY_DATA.value}"
+        )
     print("\n| runtime | median ms/image | p90 ms | file MB | agreement |")
     print("|---|---:|---:|---:|---:|")
     for runtime, median, p90, size, agreement in results:

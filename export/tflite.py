@@ -23,8 +23,9 @@ from absl import app, flags  # noqa: E402
 MODEL = flags.DEFINE_string("model", None, "kfcn model (.keras) to export.", required=True)
 OUTPUT = flags.DEFINE_string("output", None, ".tflite file to create.", required=True)
 INPUT_SIZE = flags.DEFINE_string("input_size", "512x512", "Fixed input size HxW.")
-QUANTIZATION = flags.DEFINE_enum("quantization", "none", ["none", "float16", "int8"],
-                                 "Weight/activation precision.")
+QUANTIZATION = flags.DEFINE_enum(
+    "quantization", "none", ["none", "float16", "int8"], "Weight/activation precision."
+)
 REPRESENTATIVE_DATA = flags.DEFINE_string(
     "representative_data", None, "Directory of JPEG/PNG images for int8 calibration."
 )
@@ -32,8 +33,12 @@ NUM_CALIBRATION = flags.DEFINE_integer("num_calibration_images", 100, "Images fo
 WITH_ARGMAX = flags.DEFINE_bool(
     "with_argmax", False, "Add an int32 class_ids output (ARG_MAX): CPU only, not GPU delegate."
 )
-GPU_CHECK = flags.DEFINE_enum("gpu_check", "error", ["error", "warn", "off"],
-                              "What an op the GPU delegate cannot run does to the export.")
+GPU_CHECK = flags.DEFINE_enum(
+    "gpu_check",
+    "error",
+    ["error", "warn", "off"],
+    "What an op the GPU delegate cannot run does to the export.",
+)
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 
 
@@ -61,8 +66,10 @@ def main(argv):
         )
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    print(f"Wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.quantization}, "
-          f"input {result.input_size[0]}x{result.input_size[1]})")
+    print(
+        f"Wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.quantization}, "
+        f"input {result.input_size[0]}x{result.input_size[1]})"
+    )
     print(result.static_report.format())
     print(result.gpu_report.format())
 

@@ -135,7 +135,11 @@ def test_loads_with_tensorflow_only_in_a_fresh_process(exported, images, tmp_pat
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     # Run from an empty directory so the repository's kfcn is not importable by accident.
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -149,10 +153,23 @@ def test_saved_model_cli_run(exported, images, tmp_path):
     out_dir = tmp_path / "cli_out"
     cli = os.path.join(VENV_BIN, "saved_model_cli")
     result = subprocess.run(
-        [cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
-         "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}",
-         "--outdir", str(out_dir)],
-        capture_output=True, text=True, timeout=300,
+        [
+            cli,
+            "run",
+            "--dir",
+            str(export_dir),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"images={tmp_path / 'images.npy'}",
+            "--outdir",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -264,15 +281,28 @@ def test_script_exports_and_rejects(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     out = tmp_path / "sm"
     ok = subprocess.run(
-        [sys.executable, script, "--model", str(model_path), "--output", str(out),
-         "--noprobabilities"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            script,
+            "--model",
+            str(model_path),
+            "--output",
+            str(out),
+            "--noprobabilities",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (out / "saved_model.pb").exists()
     again = subprocess.run(
         [sys.executable, script, "--model", str(model_path), "--output", str(out)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert again.returncode != 0 and "already exists" in again.stderr
     assert sorted(os.listdir(tmp_path)) == ["sm", "tiny.keras"]

@@ -85,8 +85,10 @@ def _start_grpc_stand_in(base_path):
             spec = request.model_spec
             try:
                 fn = models.signature(
-                    spec.name, spec.version.value if spec.HasField("version") else None,
-                    spec.version_label, spec.signature_name,
+                    spec.name,
+                    spec.version.value if spec.HasField("version") else None,
+                    spec.version_label,
+                    spec.signature_name,
                 )
             except LookupError as err:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(err))
@@ -102,8 +104,10 @@ def _start_grpc_stand_in(base_path):
                 response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key].numpy()))
             return response
 
-    options = [("grpc.max_send_message_length", MAX_MESSAGE),
-               ("grpc.max_receive_message_length", MAX_MESSAGE)]
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=options)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -141,11 +145,15 @@ def _start_rest_stand_in(base_path):
                 return self._reply(404, {"error": f"Malformed request: POST {self.path}"})
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             try:
-                fn = models.signature(match.group(1), int(match.group(2) or 0) or None,
-                                      match.group(3), body.get("signature_name"))
+                fn = models.signature(
+                    match.group(1),
+                    int(match.group(2) or 0) or None,
+                    match.group(3),
+                    body.get("signature_name"),
+                )
             except LookupError as err:
                 return self._reply(404, {"error": str(err)})
-            (input_name, spec), = fn.structured_input_signature[1].items()
+            ((input_name, spec),) = fn.structured_input_signature[1].items()
             if "instances" in body:
                 value = decode(body["instances"])
             else:
@@ -216,7 +224,7 @@ def test_warmup_records_parse_back(served):
         request = log.predict_log.request
         assert request.model_spec.name == "fcn"
         signature = request.model_spec.signature_name
-        (key, proto), = request.inputs.items()
+        ((key, proto),) = request.inputs.items()
         value = tf.make_ndarray(proto)
         if signature == "serving_bytes":
             assert key == "image_bytes" and value.dtype == object and value.shape == (1,)
@@ -350,11 +358,20 @@ def test_killed_export_leaves_no_version_and_rerun_succeeds(tmp_path):
     model_path = tmp_path / "tiny.keras"
     tiny_kfcn_model().save(model_path)
     base = tmp_path / "models"
-    command = [sys.executable, os.path.join(REPO, "export", "serving.py"),
-               "--model", str(model_path), "--base_path", str(base), "--model_name", "fcn"]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "export", "serving.py"),
+        "--model",
+        str(model_path),
+        "--base_path",
+        str(base),
+        "--model_name",
+        "fcn",
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     model_dir = base / "fcn"
     saw_tmp = False
     deadline = time.monotonic() + 240

@@ -42,7 +42,10 @@ def exports(model, calibration_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tflite")
     return {
         q: tflite_lib.export_tflite(
-            model, out / f"fcn8s_{q}.tflite", SIZE, quantization=q,
+            model,
+            out / f"fcn8s_{q}.tflite",
+            SIZE,
+            quantization=q,
             representative_data=calibration_dir if q == "int8" else None,
         )
         for q in ("none", "float16", "int8")
@@ -142,8 +145,13 @@ def test_bad_arguments(tmp_path, kwargs, error, message):
 def test_empty_calibration_dir_and_existing_output(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no JPEG or PNG"):
-        tflite_lib.export_tflite(tiny_kfcn_model(), tmp_path / "m.tflite", "32x32",
-                                 quantization="int8", representative_data=tmp_path / "empty")
+        tflite_lib.export_tflite(
+            tiny_kfcn_model(),
+            tmp_path / "m.tflite",
+            "32x32",
+            quantization="int8",
+            representative_data=tmp_path / "empty",
+        )
     (tmp_path / "m.tflite").write_bytes(b"keep")
     with pytest.raises(FileExistsError, match="already exists"):
         tflite_lib.export_tflite(tiny_kfcn_model(), tmp_path / "m.tflite", "32x32")
@@ -158,8 +166,9 @@ def test_gpu_check_failure_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="op #.* ARG_MAX"):
         tflite_lib.export_tflite(tiny_kfcn_model(), tmp_path / "m.tflite", "16x16")
     assert os.listdir(tmp_path) == []
-    result = tflite_lib.export_tflite(tiny_kfcn_model(), tmp_path / "m.tflite", "16x16",
-                                      gpu_check="warn")
+    result = tflite_lib.export_tflite(
+        tiny_kfcn_model(), tmp_path / "m.tflite", "16x16", gpu_check="warn"
+    )
     assert not result.gpu_report.ok and os.listdir(tmp_path) == ["m.tflite"]
 
 
@@ -169,18 +178,44 @@ def test_script(tmp_path):
     script = os.path.join(REPO, "export", "tflite.py")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     ok = subprocess.run(
-        [sys.executable, script, "--model", str(model_path), "--output",
-         str(tmp_path / "t.tflite"), "--input_size", "32x48", "--quantization", "float16"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            script,
+            "--model",
+            str(model_path),
+            "--output",
+            str(tmp_path / "t.tflite"),
+            "--input_size",
+            "32x48",
+            "--quantization",
+            "float16",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "GPU delegate: all" in ok.stdout
     interpreter = tflite_lib.make_interpreter(tmp_path / "t.tflite")
     assert list(interpreter.get_input_details()[0]["shape"]) == [1, 32, 48, 3]
     bad = subprocess.run(
-        [sys.executable, script, "--model", str(model_path), "--output",
-         str(tmp_path / "u.tflite"), "--input_size", "32x48", "--quantization", "int8"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            script,
+            "--model",
+            str(model_path),
+            "--output",
+            str(tmp_path / "u.tflite"),
+            "--input_size",
+            "32x48",
+            "--quantization",
+            "int8",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert bad.returncode != 0 and "representative_data" in bad.stderr
     assert not (tmp_path / "u.tflite").exists()

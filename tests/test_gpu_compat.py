@@ -35,11 +35,35 @@ def _issues(report):
 def test_op_table_uses_real_builtin_names():
     names = set(vars(gpu_compat._schema().BuiltinOperator))
     assert set(gpu_compat.GPU_SUPPORTED_OPS) <= names
-    for op in ("ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D",
-               "TRANSPOSE_CONV", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "PAD",
-               "STRIDED_SLICE", "SOFTMAX", "MUL", "SUB", "DIV", "RELU", "RELU6", "HARD_SWISH",
-               "LOGISTIC", "TANH", "MAX_POOL_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED",
-               "MAXIMUM", "MINIMUM", "QUANTIZE", "DEQUANTIZE"):
+    for op in (
+        "ADD",
+        "AVERAGE_POOL_2D",
+        "CONCATENATION",
+        "CONV_2D",
+        "DEPTHWISE_CONV_2D",
+        "TRANSPOSE_CONV",
+        "RESIZE_BILINEAR",
+        "RESIZE_NEAREST_NEIGHBOR",
+        "PAD",
+        "STRIDED_SLICE",
+        "SOFTMAX",
+        "MUL",
+        "SUB",
+        "DIV",
+        "RELU",
+        "RELU6",
+        "HARD_SWISH",
+        "LOGISTIC",
+        "TANH",
+        "MAX_POOL_2D",
+        "MEAN",
+        "RESHAPE",
+        "FULLY_CONNECTED",
+        "MAXIMUM",
+        "MINIMUM",
+        "QUANTIZE",
+        "DEQUANTIZE",
+    ):
         assert op in gpu_compat.GPU_SUPPORTED_OPS, op
     for op in ("ARG_MAX", "ARG_MIN", "SHAPE", "GATHER_ND", "TOPK_V2", "CUSTOM", "VAR_HANDLE"):
         assert op not in gpu_compat.GPU_SUPPORTED_OPS, op
@@ -60,8 +84,10 @@ def test_flags_arg_max():
 def test_flags_flex_op_in_both_checks():
     model = _convert(lambda x: tf.math.cumprod(x, axis=1) + 1.0, [1, 8, 8, 4], select_tf_ops=True)
     gpu = gpu_compat.check_gpu_compatibility(model)
-    assert ("FlexCumprod", "Flex (Select TF) op 'Cumprod' runs only on the CPU with the Flex "
-            "delegate.") in _issues(gpu)
+    assert (
+        "FlexCumprod",
+        "Flex (Select TF) op 'Cumprod' runs only on the CPU with the Flex delegate.",
+    ) in _issues(gpu)
     assert "ADD" in gpu.ops and "ADD" not in [op for op, _ in _issues(gpu)]
     static = gpu_compat.check_builtin_static(model)
     assert [op for op, _ in _issues(static)] == ["FlexCumprod"]
@@ -89,8 +115,9 @@ def test_dynamic_shapes_and_shape_ops_fail_static_check():
     report = gpu_compat.check_builtin_static(model)
     flagged = {op for op, _ in _issues(report)}
     assert "SHAPE" in flagged
-    assert any("unknown dimension" in reason or "run time" in reason for _, reason in
-               _issues(report))
+    assert any(
+        "unknown dimension" in reason or "run time" in reason for _, reason in _issues(report)
+    )
 
 
 def test_int8_model_needs_quantized_ops():

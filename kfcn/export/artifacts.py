@@ -186,8 +186,9 @@ def replace_path(tmp_path: str, final_path: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(final_path: str | os.PathLike, overwrite: bool = False, is_dir: bool = True
-                  ) -> Iterator[str]:
+def atomic_output(
+    final_path: str | os.PathLike, overwrite: bool = False, is_dir: bool = True
+) -> Iterator[str]:
     """Yields a temporary path to build an artifact in; renames it on success.
 
     Args:
@@ -207,8 +208,7 @@ def atomic_output(final_path: str | os.PathLike, overwrite: bool = False, is_dir
     final_path = os.path.abspath(os.fspath(final_path))
     if os.path.lexists(final_path) and not overwrite:
         raise FileExistsError(
-            f"Output {final_path!r} already exists; pass overwrite=True (--overwrite) to "
-            "replace it"
+            f"Output {final_path!r} already exists; pass overwrite=True (--overwrite) to replace it"
         )
     parent = os.path.dirname(final_path)
     if not os.path.isdir(parent):

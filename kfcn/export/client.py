@@ -112,8 +112,9 @@ class RestClient:
                 message = json.loads(payload).get("error", payload)
             except ValueError:
                 message = payload
-            raise ServingError(f"HTTP {err.code} from {self.predict_url}: {message}",
-                               err.code) from None
+            raise ServingError(
+                f"HTTP {err.code} from {self.predict_url}: {message}", err.code
+            ) from None
 
     @staticmethod
     def _parse(response: dict, with_probabilities: bool) -> dict[str, np.ndarray]:

@@ -131,13 +131,51 @@ GPU_SUPPORTED_CUSTOM_OPS = (
     "MaxPoolingWithArgmax2D",
     "MaxUnpooling2D",
 )
-_ONE_ARG_ELEMENTWISE = ("ABS", "CEIL", "COS", "ELU", "EXP", "FLOOR", "GELU", "LOG", "LOGISTIC",
-                        "NEG", "RSQRT", "SIGN", "SIN", "SQRT", "SQUARE", "TANH")
-_TWO_ARG_ELEMENTWISE = ("ATAN2", "DIV", "EQUAL", "FLOOR_DIV", "FLOOR_MOD", "GREATER",
-                        "GREATER_EQUAL", "LOGICAL_AND", "LESS", "LESS_EQUAL", "MAXIMUM", "MINIMUM",
-                        "NOT_EQUAL", "POW", "SQUARED_DIFFERENCE", "SUB")
-_LOGICAL_OUTPUT = ("EQUAL", "GREATER", "GREATER_EQUAL", "LESS", "LESS_EQUAL", "LOGICAL_AND",
-                   "NOT_EQUAL")
+_ONE_ARG_ELEMENTWISE = (
+    "ABS",
+    "CEIL",
+    "COS",
+    "ELU",
+    "EXP",
+    "FLOOR",
+    "GELU",
+    "LOG",
+    "LOGISTIC",
+    "NEG",
+    "RSQRT",
+    "SIGN",
+    "SIN",
+    "SQRT",
+    "SQUARE",
+    "TANH",
+)
+_TWO_ARG_ELEMENTWISE = (
+    "ATAN2",
+    "DIV",
+    "EQUAL",
+    "FLOOR_DIV",
+    "FLOOR_MOD",
+    "GREATER",
+    "GREATER_EQUAL",
+    "LOGICAL_AND",
+    "LESS",
+    "LESS_EQUAL",
+    "MAXIMUM",
+    "MINIMUM",
+    "NOT_EQUAL",
+    "POW",
+    "SQUARED_DIFFERENCE",
+    "SUB",
+)
+_LOGICAL_OUTPUT = (
+    "EQUAL",
+    "GREATER",
+    "GREATER_EQUAL",
+    "LESS",
+    "LESS_EQUAL",
+    "LOGICAL_AND",
+    "NOT_EQUAL",
+)
 # Ops that betray unfrozen variables or shapes computed at run time.
 _VARIABLE_OPS = ("VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE")
 _DYNAMIC_SHAPE_OPS = ("SHAPE", "PACK", "RANK", "WHILE", "IF")

@@ -143,11 +143,13 @@ def _serving_module_class():
             with tf.control_dependencies(checks):
 
                 def png_size():
-                    with tf.control_dependencies([
-                        tf.debugging.Assert(
-                            length >= 24, ["`image_bytes`: truncated PNG header. Index:", index]
-                        )
-                    ]):
+                    with tf.control_dependencies(
+                        [
+                            tf.debugging.Assert(
+                                length >= 24, ["`image_bytes`: truncated PNG header. Index:", index]
+                            )
+                        ]
+                    ):
                         # IHDR: big-endian width then height at bytes 16..24.
                         wh = tf.io.decode_raw(
                             tf.strings.substr(data, 16, 8), tf.int32, little_endian=False
@@ -166,11 +168,13 @@ def _serving_module_class():
 
         def _serve_bytes(self, image_bytes):
             count = tf.shape(image_bytes, out_type=tf.int64)[0]
-            with tf.control_dependencies([
-                tf.debugging.assert_positive(
-                    count, message="`image_bytes` must hold at least one image (batch size 0)"
-                )
-            ]):
+            with tf.control_dependencies(
+                [
+                    tf.debugging.assert_positive(
+                        count, message="`image_bytes` must hold at least one image (batch size 0)"
+                    )
+                ]
+            ):
                 indices = tf.range(count)
             sizes = tf.map_fn(
                 self._header_size,

@@ -295,14 +295,19 @@ def batching_parameters_class():
         (5, "thread_pool_name", ".google.protobuf.StringValue"),
     ):
         message.field.add(
-            name=name, number=number, type=field.TYPE_MESSAGE, type_name=type_name,
+            name=name,
+            number=number,
+            type=field.TYPE_MESSAGE,
+            type_name=type_name,
             label=field.LABEL_OPTIONAL,
         )
     message.field.add(
         name="allowed_batch_sizes", number=6, type=field.TYPE_INT64, label=field.LABEL_REPEATED
     )
     message.field.add(
-        name="pad_variable_length_inputs", number=7, type=field.TYPE_BOOL,
+        name="pad_variable_length_inputs",
+        number=7,
+        type=field.TYPE_BOOL,
         label=field.LABEL_OPTIONAL,
     )
     pool.Add(file_proto)

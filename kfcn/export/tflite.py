@@ -289,16 +289,18 @@ def export_tflite(
 
     static_report = gpu_compat.check_builtin_static(flatbuffer)
     if not static_report.ok:
-        raise ValueError(f"The converted model is not a static builtin graph.\n"
-                         f"{static_report.format()}")
+        raise ValueError(
+            f"The converted model is not a static builtin graph.\n{static_report.format()}"
+        )
     gpu_report = gpu_compat.check_gpu_compatibility(flatbuffer)
     if not gpu_report.ok and gpu_check != "off":
         message = gpu_report.format()
         if with_argmax:
             logger.warning("with_argmax: this file is for the CPU runtime.\n%s", message)
         elif gpu_check == "error":
-            raise ValueError(f"The converted model does not run fully on the GPU delegate.\n"
-                             f"{message}")
+            raise ValueError(
+                f"The converted model does not run fully on the GPU delegate.\n{message}"
+            )
         else:
             logger.warning("%s", message)
 
