@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -365,7 +366,12 @@ def _collective_failures(info: WorkerInfo, step: int, last_saved: str | None) ->
     except _COLLECTIVE_ERRORS as e:
         if info.num_workers == 1:
             raise
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # TF's first line is often just "Graph execution error:"; the cause is further down.
+        causes = [
+            line for line in lines if re.search(r"abort|refused|timed? ?out|deadline", line, re.I)
+        ]
+        first_line = (causes or lines or [""])[0][:300]
         raise PeerFailureError(
             f"Training stopped at step {step}: a collective operation failed, a peer worker "
             f"has probably died ({type(e).__name__}: {first_line}). Rerun every worker with "
