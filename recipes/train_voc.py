@@ -13,7 +13,7 @@ Validation always uses VOC (`--val_split`, default "val"; "seg11valid" for the p
 split). Writes model_dir/model.keras, checkpoints/, logs/, flags.json and result.json.
 """
 
-from absl import app
+from absl import app, flags
 
 from kfcn.training import recipe
 
@@ -43,4 +43,5 @@ DEFAULTS = dict(
 
 if __name__ == "__main__":
     recipe.define_flags(DEFAULTS, datasets=("voc", "sbd"))
+    flags.adopt_module_key_flags(recipe)  # so that --help lists them
     app.run(recipe.main)
