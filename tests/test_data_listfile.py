@@ -14,7 +14,11 @@ from kfcn.data import DataError, DatasetInfo, load_dataset, read_image
 from kfcn.data import images as images_module
 from kfcn.data.listfile import CAMVID_CLASS_NAMES, load_folder, read_list
 
-REAL_CAMVID = "/work/shared/data/camvid"
+# The real CamVid copy lives in ../shared beside the repository (CI and developers).
+REAL_CAMVID = os.environ.get(
+    "KFCN_CAMVID",
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "camvid"),
+)
 
 
 @pytest.fixture(autouse=True)
