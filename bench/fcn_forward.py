@@ -95,9 +95,30 @@ def main() -> None:
         "tf.function(jit_compile=True)": lambda: xla(images).numpy(),
         "tf.function, mixed_bfloat16": lambda: bf16(images).numpy(),
     }
+    # fc6 alone: Keras' Conv2D (TensorFlow's CPU convolution) against kfcn's GEMM form.
+    pool5 = tf.random.normal((1, args.size // 32, args.size // 32, 512))
+    fc6_conv = keras.layers.Conv2D(4096, 7, padding="same")
+    fc6_gemm = kfcn.layers.FullyConnectedConv2D(4096, 7, padding="same")
+    fc6_conv.build(pool5.shape)
+    fc6_gemm.build(pool5.shape)
+    fc6_gemm.set_weights(fc6_conv.get_weights())
+    conv_fn = tf.function(lambda x: fc6_conv(x))
+    gemm_fn = tf.function(lambda x: fc6_gemm(x))
+    fc6_seconds = {
+        "fc6 as keras Conv2D": best_seconds(lambda: conv_fn(pool5).numpy(), args.repeats),
+        "fc6 as FullyConnectedConv2D": best_seconds(lambda: gemm_fn(pool5).numpy(), args.repeats),
+    }
+    fc6_flops = 2 * (args.size // 32) ** 2 * 7 * 7 * 512 * 4096
+
     print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, TF {tf.__version__}")
     print(f"matmul 4096^3 float32: {peak / 1e9:.1f} GFLOP/s")
     print(f"FCN-8s {args.backbone} {args.size}x{args.size}: {flops / 1e9:.1f} GFLOP per image")
+    for name, seconds in fc6_seconds.items():
+        rate = fc6_flops / seconds
+        print(
+            f"{name:32s} {seconds * 1e3:8.1f} ms  {rate / 1e9:6.1f} GFLOP/s  "
+            f"{rate / peak:5.2f} of matmul"
+        )
     for name, fn in runs.items():
         seconds = best_seconds(fn, args.repeats)
         rate = flops / seconds
