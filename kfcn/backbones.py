@@ -147,7 +147,7 @@ def resolve_taps(model: keras.Model, names: dict[int, str] | None) -> dict[int, 
     """
     records = geometry.trace(model)
     if names is None:
-        found = geometry.find_taps(model, STRIDES)
+        found = geometry.find_taps(model, STRIDES, records)
         missing = [s for s in STRIDES if s not in found]
         if missing:
             raise ValueError(

@@ -226,9 +226,6 @@ def build_fcn(
         x = keras.layers.Dropout(dropout, name="drop")(x)
     score = _score(num_classes, "score_fr")(x)
     score_where = where[32]
-    # score_fr starts at zero too in the reference; with random (not imagenet)
-    # trunks that would leave nothing to learn from at first only if everything
-    # before were zero, which it is not.
 
     for stride in _SKIPS[variant]:
         feature = tapped[stride]

@@ -176,7 +176,9 @@ def trace(model: keras.Model, input_geometry: Geometry = IDENTITY) -> list[tuple
     return records
 
 
-def find_taps(model: keras.Model, strides=(8, 16, 32)) -> dict[int, tuple]:
+def find_taps(
+    model: keras.Model, strides=(8, 16, 32), records: list[tuple] | None = None
+) -> dict[int, tuple]:
     """Finds the feature tap of each stride by graph position.
 
     The tap of stride ``s`` is the last layer output (in topological order) that
@@ -186,12 +188,13 @@ def find_taps(model: keras.Model, strides=(8, 16, 32)) -> dict[int, tuple]:
     Args:
         model: A Keras functional model taking an image.
         strides: The strides wanted.
+        records: `trace(model)`, when the caller has it already.
 
     Returns:
         A dict mapping each stride found to `(layer, output_tensor, geometry)`.
     """
     taps = {}
-    for layer, tensor, geometry in trace(model):
+    for layer, tensor, geometry in records if records is not None else trace(model):
         if not isinstance(geometry, Geometry) or len(tensor.shape) != 4:
             continue
         if isinstance(layer, keras.layers.ZeroPadding2D):

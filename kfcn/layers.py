@@ -111,8 +111,8 @@ class PadToMultiple(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = input_shape
-        grow = lambda size: None if size is None else size + self._padding(size)  # noqa: E731
-        return (batch, grow(height), grow(width), channels)
+        height, width = (None if s is None else s + self._padding(s) for s in (height, width))
+        return (batch, height, width, channels)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "multiple": self.multiple, "value": list(self.value)}

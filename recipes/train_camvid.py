@@ -25,7 +25,7 @@ from kfcn.training import recipe
 # the poly schedule, and median-frequency class balancing as published CamVid recipes do.
 DEFAULTS = dict(
     dataset="camvid",
-    data_dir="/work/shared/data/camvid",
+    data_dir=None,  # None: $KFCN_DATA_DIR/camvid
     val_split="val",
     backbone="vgg16",
     variant="fcn8s",

@@ -51,7 +51,7 @@ def test_vgg16_heatmap_and_names():
     assert heatmap.shape == (1, 6, 10, 1000)
 
 
-def test_gap_window_position_is_classifier_on_window():
+def test_window_pooling_equals_mean_of_position_scores():
     classifier = keras.applications.MobileNetV2(
         alpha=0.35, weights=None, classifier_activation=None
     )

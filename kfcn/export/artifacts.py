@@ -9,7 +9,6 @@ killed export leaves nothing at the destination.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import re
@@ -104,16 +103,6 @@ def check_segmentation_model(model, source: str = "model") -> int:
     return int(out_shape[-1])
 
 
-def register_kfcn_objects() -> None:
-    """Imports the kfcn modules that register custom layers and initializers."""
-    for module in ("kfcn.layers", "kfcn.bilinear", "kfcn.fcn"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a genuine import error inside the module
-                raise
-
-
 def load_segmentation_model(path: str | os.PathLike):
     """Loads a .keras file and checks that it holds a kfcn segmentation model.
 
@@ -135,12 +124,10 @@ def load_segmentation_model(path: str | os.PathLike):
             f"`model` must be a .keras archive written by model.save(); {path!r} is not a "
             "zip archive"
         )
-    import keras
-
-    register_kfcn_objects()
+    from kfcn.fcn import load_model  # registers kfcn's layers, losses and metrics
 
     try:
-        model = keras.saving.load_model(path, compile=False)
+        model = load_model(path, compile=False)
     except Exception as err:  # keras raises many types for a foreign archive
         raise ValueError(f"Could not load `model` {path!r} as a Keras model: {err}") from err
     check_segmentation_model(model, source=f"`model` {path!r}")
