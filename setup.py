@@ -21,7 +21,12 @@ setup(
         "pillow",
         "absl-py",
         "scipy",  # SBD's .mat masks
+        "wrapt",  # post-import hook: kfcn's Keras classes registered by `import kfcn`
+        "pyyaml",  # `kfcn train --config run.yaml`
+        "tqdm",  # progress bars of the `kfcn` command
+        "matplotlib",  # overlays' legends, confusion matrices, training curves
     ],
+    entry_points={"console_scripts": ["kfcn = kfcn.cli:entry_point"]},
     extras_require={
         "tflite": ["ai-edge-litert"],
         "serving": ["tensorflow-serving-api", "grpcio", "requests"],

@@ -4,11 +4,17 @@ Long, Shelhamer and Darrell, "Fully Convolutional Networks for Semantic
 Segmentation", CVPR 2015 / TPAMI 2017.
 
 Importing `kfcn` is cheap and silent: TensorFlow and Keras are imported on first
-use of a builder or submodule (PEP 562 lazy attributes).
+use of a builder or submodule (PEP 562 lazy attributes). It does register a
+post-import hook on `keras` (wrapt's, as OpenTelemetry's instrumentations do), so
+that kfcn's layers, losses and metrics are registered with Keras whenever Keras
+is imported, before or after kfcn: `import kfcn; keras.saving.load_model("m.keras")`
+works in safe mode without importing Keras at `import kfcn`.
 """
 
 import importlib
 from typing import Any
+
+import wrapt
 
 __version__ = "0.1.0"
 
@@ -37,6 +43,21 @@ _LAZY_MODULES = (
 )
 
 __all__ = sorted(_LAZY_ATTRS) + list(_LAZY_MODULES)
+
+
+#: Modules whose import registers kfcn's Keras classes (`register_keras_serializable`).
+_REGISTERING_MODULES = ("kfcn.layers", "kfcn.bilinear", "kfcn.losses", "kfcn.metrics")
+
+
+def _register_keras_classes(_keras: Any) -> None:
+    # Runs once Keras has finished importing. A module already being imported
+    # (Keras imported by kfcn.layers itself) is returned half-made by
+    # import_module and registers its classes when it completes.
+    for module in _REGISTERING_MODULES:
+        importlib.import_module(module)
+
+
+wrapt.register_post_import_hook(_register_keras_classes, "keras")
 
 
 def __getattr__(name: str) -> Any:
