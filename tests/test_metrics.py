@@ -151,6 +151,67 @@ def test_streaming_metric_matches_numpy_and_round_trips():
     assert (clone.num_classes, clone.ignore_label, clone.name) == (4, 255, "miou")
 
 
+def _paper_scores(labels, preds, n, ignore):
+    """The paper's four metrics from pixel sets, class by class (no confusion matrix).
+
+    Classes absent from both ground truth and prediction are left out of mean IU, classes
+    absent from the ground truth out of mean accuracy (the authors' np.nanmean).
+    """
+    labels, preds = np.asarray(labels).ravel(), np.asarray(preds).ravel()
+    kept = (labels != ignore) & (labels < n)
+    labels, preds = labels[kept], preds[kept]
+    total = labels.size
+    correct = int((labels == preds).sum())
+    accuracies, ious, weighted = [], [], 0.0
+    for c in range(n):
+        gt, pr = labels == c, preds == c
+        if gt.any():
+            accuracies.append((gt & pr).sum() / gt.sum())
+        if gt.any() or pr.any():
+            iou = (gt & pr).sum() / (gt | pr).sum()
+            ious.append(iou)
+            weighted += gt.sum() * iou
+    return {
+        "pixel_accuracy": correct / total,
+        "mean_accuracy": float(np.mean(accuracies)),
+        "mean_iou": float(np.mean(ious)),
+        "frequency_weighted_iou": weighted / total,
+    }
+
+
+def _absent_classes_case():
+    """Six classes: 1 and 4 appear nowhere, 3 only in ground truth, 5 only in predictions."""
+    rng = np.random.default_rng(7)
+    labels = rng.choice([0, 2, 3], size=(8, 4, 5)).astype(np.int32)
+    # Class 3 only in images 0 and 1: under a 2-replica strategy, in one replica's share.
+    labels[2:] = np.where(labels[2:] == 3, 0, labels[2:])
+    labels[rng.random(labels.shape) < 0.2] = 255
+    preds = np.where(rng.random(labels.shape) < 0.6, labels, rng.choice([0, 2, 5], labels.shape))
+    preds = np.where(preds == 255, 5, preds)  # ignored pixels: any prediction
+    preds = np.where(preds == 3, 2, preds).astype(np.int32)  # 3 never predicted
+    assert set(np.unique(labels)) == {0, 2, 3, 255} and set(np.unique(preds)) == {0, 2, 5}
+    return labels, preds
+
+
+def test_streaming_metric_result_leaves_out_absent_classes():
+    import tensorflow as tf
+
+    labels, preds = _absent_classes_case()
+    expected = _paper_scores(labels, preds, 6, 255)
+    # The means are over 4 IUs (0, 2, 3, 5) and 3 accuracies (0, 2, 3), not over 6 classes.
+    metric = metrics.ConfusionMatrixMetric(6)
+    assert float(metric.result()) == 0.0  # nothing counted yet
+    for start in (0, 3, 6):  # streamed in uneven batches
+        logits = tf.one_hot(preds[start : start + 3], 6) * 4.0 - 1.0
+        metric.update_state(tf.constant(labels[start : start + 3]), logits)
+    assert float(metric.result()) == pytest.approx(expected["mean_iou"], rel=1e-6)
+    got = metric.scores()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+    assert [math.isnan(v) for v in got["iou"]] == [False, True, False, False, True, False]
+    assert [math.isnan(v) for v in got["accuracy"]] == [False, True, False, False, True, True]
+
+
 def test_streaming_metric_rejects_wrong_channels():
     with pytest.raises(ValueError, match="num_classes=3"):
         metrics.ConfusionMatrixMetric(3).update_state(np.zeros((1, 2, 2)), np.zeros((1, 2, 2, 5)))
@@ -269,6 +330,31 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
     np.save("result.npy", np.float64(metric.result()))
     np.save("labels.npy", labels)
     np.save("preds.npy", logits.argmax(-1))
+
+    # Absent classes (the test wrote the data): streamed per replica, and through evaluate.
+    labels6 = np.load("absent_labels.npy")
+    logits6 = np.eye(6, dtype=np.float32)[np.load("absent_preds.npy")] * 4.0 - 1.0
+    with strategy.scope():
+        absent = metrics.ConfusionMatrixMetric(6)
+    dist6 = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((labels6, logits6)).batch(4))
+
+    @tf.function
+    def step6(y, p):
+        strategy.run(absent.update_state, args=(y, p))
+
+    for y, p in dist6:
+        step6(y, p)
+    keys = ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou")
+    np.save("absent_scores.npy", [absent.scores()[k] for k in keys])
+    np.save("absent_result.npy", np.float64(absent.result()))
+    with strategy.scope():
+        inputs6 = keras.Input((4, 5, 6))
+        model6 = keras.Model(inputs6, keras.layers.Identity()(inputs6))
+        model6.compile(loss=SegmentationCrossEntropy(),
+                       metrics=[metrics.ConfusionMatrixMetric(6, name="miou")])
+    logs = model6.evaluate(logits6, labels6, batch_size=4, verbose=0, return_dict=True)
+    np.save("absent_evaluate.npy", np.float64(logs["miou"]))
     """
 )
 
@@ -276,6 +362,9 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
 def test_streaming_metric_sums_replicas_under_mirrored_strategy(tmp_path):
     # Logical devices must be configured before TensorFlow initialises, so the
     # body runs in a fresh interpreter.
+    absent_labels, absent_preds = _absent_classes_case()
+    np.save(tmp_path / "absent_labels.npy", absent_labels)
+    np.save(tmp_path / "absent_preds.npy", absent_preds)
     proc = subprocess.run(
         [sys.executable, "-c", _DISTRIBUTED_SCRIPT],
         cwd=tmp_path,
@@ -292,3 +381,12 @@ def test_streaming_metric_sums_replicas_under_mirrored_strategy(tmp_path):
     tp = np.diag(expected)
     union = expected.sum(0) + expected.sum(1) - tp
     assert float(np.load(tmp_path / "result.npy")) == pytest.approx(np.mean(tp / union), 1e-6)
+
+    # Absent classes: the replicas' summed matrix, scored over the classes present only.
+    expected = _paper_scores(absent_labels, absent_preds, 6, 255)
+    keys = ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou")
+    np.testing.assert_allclose(
+        np.load(tmp_path / "absent_scores.npy"), [expected[k] for k in keys], rtol=1e-12
+    )
+    for name in ("absent_result.npy", "absent_evaluate.npy"):
+        assert float(np.load(tmp_path / name)) == pytest.approx(expected["mean_iou"], rel=1e-6)
