@@ -111,25 +111,65 @@ def build_trunk(spec: BackboneSpec, channels: int = 3) -> keras.Model:
     return constructor(include_top=False, weights=None, input_shape=(None, None, channels))
 
 
+class WeightsUnavailableError(OSError):
+    """`weights="imagenet"` could not be downloaded (or read from Keras' cache).
+
+    An `OSError`: the argument is fine, the machine cannot fetch the file. The
+    message names `weights`, the classifier, what failed, and what to pass
+    instead.
+    """
+
+
+def _download_failed(error: BaseException) -> bool:
+    # Keras' `get_file` turns network errors into a bare `Exception("URL fetch
+    # failure on ...")`; other socket errors and unreadable cached files are
+    # OSErrors, and a truncated download fails its hash check with a ValueError.
+    message = str(error)
+    return (
+        isinstance(error, OSError)
+        or message.startswith("URL fetch failure")
+        or "hash does not match" in message
+    )
+
+
 def build_classifier(spec: BackboneSpec, weights: str) -> keras.Model:
     """The application with its classifier, loaded with `weights`.
 
+    Built exactly as `keras.applications.<constructor>(include_top=True,
+    weights=weights)`, so the FCN computes what that classifier computes; for
+    EfficientNet B0-B7 this graph differs with `weights` (see
+    `kfcn.surgery.match_input_scaling`).
+
     Args:
         spec: The backbone.
-        weights: "imagenet" (downloaded by Keras Applications) or the path of a
-            Keras Applications classifier weights file (include_top=True).
+        weights: "imagenet" (downloaded by Keras Applications, or found in its
+            cache, `$KERAS_HOME/models`, by default `~/.keras/models`) or the
+            path of a Keras Applications classifier weights file
+            (include_top=True).
 
     Raises:
+        WeightsUnavailableError: If `weights="imagenet"` cannot be downloaded.
         ValueError: If the weights file does not exist or does not fit.
     """
     constructor = getattr(keras.applications, spec.constructor)
     try:
         return constructor(include_top=True, weights=weights)
-    except (ValueError, OSError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"`weights` could not be loaded into a {spec.constructor} classifier "
-            f"(include_top=True). Received: weights={weights!r}. Cause: {error}"
-        ) from error
+    except Exception as error:
+        if weights == "imagenet" and _download_failed(error):
+            cause = " ".join(str(error).split())
+            raise WeightsUnavailableError(
+                f"`weights='imagenet'`: the ImageNet weights of {spec.constructor} could not be "
+                f"downloaded ({cause}). Pass weights=None (random initialisation) or the path "
+                "of a local Keras Applications classifier weights file (include_top=True), or "
+                "put the file Keras downloads into its cache ($KERAS_HOME/models, by default "
+                "~/.keras/models)."
+            ) from error
+        if isinstance(error, (ValueError, OSError, KeyError, TypeError)):
+            raise ValueError(
+                f"`weights` could not be loaded into a {spec.constructor} classifier "
+                f"(include_top=True). Received: weights={weights!r}. Cause: {error}"
+            ) from error
+        raise
 
 
 def resolve_taps(model: keras.Model, names: dict[int, str] | None) -> dict[int, tuple]:

@@ -127,6 +127,7 @@ def _trunk(backbone, weights):
         classifier = backbones.build_classifier(spec, weights)
         weighted = [layer for layer in trunk.layers if layer.weights]
         surgery.transplant_trunk(classifier, weighted)
+        surgery.match_input_scaling(classifier, trunk)
     return trunk, backbones.resolve_taps(trunk, spec.taps), spec, classifier
 
 
@@ -176,7 +177,13 @@ def build_fcn(
         weights: None (random), "imagenet", or the path of a Keras Applications
             classifier weights file (include_top=True). The trunk is copied from
             the classifier, and for VGG its fc1/fc2 are transplanted into the
-            convolutions fc6/fc7, as the authors' surgery does.
+            convolutions fc6/fc7, as the authors' surgery does. The trunk then
+            computes what `keras.applications.<Backbone>(weights=weights)`
+            computes. Keras builds EfficientNet B0-B7 differently for the two:
+            with "imagenet" it rescales the normalised input once more, with a
+            file it does not, so a file needs weights trained at that scale; to
+            use the ImageNet file offline, put it in Keras' cache
+            (`~/.keras/models`) and pass "imagenet".
         input_shape: `(height, width, 3)`; height and width may be None.
         dropout: Dropout rate after fc6 and fc7 (VGG) or before score_fr.
         trainable_upsampling: Learn the bilinear-initialised upsampling
@@ -194,6 +201,9 @@ def build_fcn(
 
     Raises:
         ValueError: If an argument is invalid; the message names it.
+        kfcn.backbones.WeightsUnavailableError: An `OSError`, if
+            `weights="imagenet"` cannot be downloaded; the message says what to
+            pass instead.
 
     Example:
         >>> model = kfcn.build_fcn("fcn8s", backbone="vgg16", num_classes=21)

@@ -20,6 +20,15 @@ def _weighted_layers(model: keras.Model) -> list:
     return [layer for layer in model.layers if layer.weights]
 
 
+def _set_weights(layer, values) -> None:
+    layer.set_weights(values)
+    # An adapted `Normalization` computes with tensors taken from its variables
+    # when it was built or loaded; without this it keeps its old mean/variance.
+    finalize = getattr(layer, "finalize_state", None)
+    if finalize is not None:
+        finalize()
+
+
 def transplant_trunk(classifier: keras.Model, trunk_layers: list, what: str = "weights") -> None:
     """Copies a classifier's convolutional trunk into the same-built trunk layers.
 
@@ -50,7 +59,61 @@ def transplant_trunk(classifier: keras.Model, trunk_layers: list, what: str = "w
                 f"`{what}`: classifier layer {src.name!r} with weight shapes {shapes} does "
                 f"not fit FCN layer {dst.name!r} with {expected}."
             )
-        dst.set_weights(values)
+        _set_weights(dst, values)
+
+
+def _input_stem(model: keras.Model) -> list:
+    """The weightless or normalising layers between the image and the first convolution."""
+    stem = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if not isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            break
+        stem.append(layer)
+    return stem
+
+
+def match_input_scaling(classifier: keras.Model, trunk: keras.Model, what: str = "weights"):
+    """Makes `trunk` scale its input as `classifier` does, after `transplant_trunk`.
+
+    Keras' EfficientNet B0-B7 built with `weights="imagenet"` rescale the
+    normalised image once more, by ``1 / sqrt(stddev)`` per channel (the
+    original implementation divided by the variance; keras-team/keras
+    tensorflow#49930), and built otherwise do not. The rescaling has no weights,
+    so copying weights cannot carry it over: this folds it into the trunk's
+    `Normalization`, ``((x - m) / sqrt(v)) * s == (x - m) / sqrt(v / s**2)``.
+
+    Args:
+        classifier: The Keras Applications classifier the weights came from.
+        trunk: The FCN trunk built from the same constructor.
+        what: The argument name for error messages.
+
+    Raises:
+        ValueError: If the two input stems differ in another way.
+    """
+    source, target = _input_stem(classifier), _input_stem(trunk)
+    kinds = [type(layer).__name__ for layer in source]
+    if kinds == [type(layer).__name__ for layer in target]:
+        return
+    extra = source[len(target)] if len(source) == len(target) + 1 else None
+    if (
+        kinds[: len(target)] == [type(layer).__name__ for layer in target]
+        and isinstance(extra, keras.layers.Rescaling)
+        and not np.any(extra.offset)
+        and target
+        and isinstance(target[-1], keras.layers.Normalization)
+        and target[-1].weights
+    ):
+        scale = np.asarray(extra.scale, np.float32)
+        mean, variance, *rest = target[-1].get_weights()
+        _set_weights(target[-1], [mean, variance / scale**2, *rest])
+        logger.info("Folded %s's input rescaling into %s.", classifier.name, target[-1].name)
+        return
+    raise ValueError(
+        f"`{what}`: the {classifier.name} classifier scales its input with {kinds}, the FCN "
+        f"trunk with {[type(layer).__name__ for layer in target]}; kfcn cannot match them."
+    )
 
 
 def dense_to_conv(dense: keras.layers.Dense, conv: keras.layers.Conv2D) -> None:
@@ -100,7 +163,7 @@ def copy_matching_layers(source: keras.Model, target: keras.Model, what: str = "
                 f"`{what}`: layer {layer.name!r} has weight shapes "
                 f"{[v.shape for v in values]} in the source model but {expected} here."
             )
-        layer.set_weights(values)
+        _set_weights(layer, values)
         copied.append(layer.name)
     logger.info("Copied %d layers from %s: %s", len(copied), source.name, copied)
     return copied

@@ -256,7 +256,7 @@ def test_imagenet_path_is_real_code(monkeypatch):
         raise OSError("no network here")
 
     monkeypatch.setattr(keras.applications, "VGG16", fake_vgg16)
-    with pytest.raises(ValueError, match=r"`weights`.*imagenet.*no network"):
+    with pytest.raises(backbones.WeightsUnavailableError, match=r"`weights.*imagenet.*no network"):
         backbones.build_classifier(backbones.get_spec("vgg16"), "imagenet")
     assert calls == [(True, "imagenet")]
 
