@@ -6,7 +6,8 @@ import tensorflow as tf
 from PIL import Image
 
 from kfcn.data import load_dataset
-from kfcn.data.pipeline import MEAN_RGB, eval_pipeline, train_pipeline
+from kfcn.data.pipeline import eval_pipeline, train_pipeline
+from kfcn.layers import IMAGENET_MEAN_RGB
 
 NUM_CLASSES = 5
 
@@ -71,7 +72,9 @@ def test_padding_values_exact(tmp_path):
         offsets.add((top, left))
         np.testing.assert_array_equal(x[top : top + 10, left : left + 12], image.astype(np.float32))
         np.testing.assert_array_equal(y[top : top + 10, left : left + 12], label)
-        np.testing.assert_array_equal(x[~inside], np.broadcast_to(np.float32(MEAN_RGB), (200, 3)))
+        # Padding is the colour the model itself pads with (PadToMultiple).
+        mean = np.broadcast_to(np.float32(IMAGENET_MEAN_RGB), (200, 3))
+        np.testing.assert_array_equal(x[~inside], mean)
     assert len(offsets) > 1  # the image is placed at random inside the padded crop
 
 

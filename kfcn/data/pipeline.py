@@ -32,10 +32,9 @@ from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["MEAN_RGB", "attach_file_source", "eval_pipeline", "train_pipeline"]
+from kfcn.layers import IMAGENET_MEAN_RGB
 
-# ImageNet mean RGB of the VGG/Caffe models the FCN paper starts from.
-MEAN_RGB = (123.68, 116.78, 103.94)
+__all__ = ["attach_file_source", "eval_pipeline", "train_pipeline"]
 
 _SOURCE_ATTR = "_kfcn_file_source"
 
@@ -171,7 +170,7 @@ def train_pipeline(
     shuffle_buffer: int = 512,
     seed: int | None = None,
     deterministic: bool | None = None,
-    mean: Sequence[float] = MEAN_RGB,
+    mean: Sequence[float] = IMAGENET_MEAN_RGB,
 ) -> tf.data.Dataset:
     """Builds the infinite training input pipeline of random crops.
 
@@ -192,7 +191,8 @@ def train_pipeline(
         seed: makes shuffling and augmentation reproducible (with `deterministic`).
         deterministic: keep element order under parallel decoding. Default: True when `seed` is
             given, else False (slightly faster).
-        mean: RGB padding value of the image (the ImageNet mean).
+        mean: RGB padding value of the image (default the ImageNet mean, as the model's
+            `PadToMultiple` pads).
 
     Returns:
         Dataset of (images float32 [b, crop_h, crop_w, 3] in 0..255, labels int32
