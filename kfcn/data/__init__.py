@@ -14,6 +14,7 @@ only when its dataset is requested, so `import kfcn.data` does not import Tensor
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DATASETS",
     "DataError",
+    "DatasetNotReadyError",
     "DatasetInfo",
     "eval_pipeline",
     "load_dataset",
@@ -39,6 +41,13 @@ _LAZY_ATTRS = {"train_pipeline": "kfcn.data.pipeline", "eval_pipeline": "kfcn.da
 DATASETS = ("camvid", "folder", "voc", "sbd", "cityscapes")
 # Datasets whose loader module (written separately) exposes `load()` and the class constants.
 _MODULE_DATASETS = ("voc", "sbd", "cityscapes")
+
+
+class DatasetNotReadyError(DataError):
+    """A tfds dataset whose manually downloaded files are not in place yet.
+
+    The message says which directory to put them in and where to get them.
+    """
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,8 @@ def load_dataset(
     Raises:
         ValueError: unknown `name`.
         DataError: missing, unreadable or inconsistent files (the message names them).
+        DatasetNotReadyError: "voc", "sbd" or "cityscapes" whose downloads are not in the
+            manual directory yet (the message names it and the files to put there).
 
     Example:
         >>> ds, info = load_dataset("camvid", "train", data_dir="/data/camvid")
@@ -93,7 +104,10 @@ def load_dataset(
         return loader(split, data_dir=data_dir, **kwargs)
     if name in _MODULE_DATASETS:
         module = importlib.import_module(f"kfcn.data.{name}")
-        dataset = module.load(split, data_dir=data_dir, **kwargs)
+        try:
+            dataset = module.load(split, data_dir=data_dir, **kwargs)
+        except AssertionError as error:  # tfds' way of saying the manual files are missing
+            raise _not_ready(name, str(error)) from error
         info = DatasetInfo(
             name=name,
             num_classes=int(module.NUM_CLASSES),
@@ -106,6 +120,18 @@ def load_dataset(
         "`dataset` must be one of "
         + ", ".join(repr(d) for d in DATASETS)
         + f". Received: dataset={name!r}"
+    )
+
+
+def _not_ready(name: str, message: str) -> Exception:
+    match = re.match(r"Manual directory (.*?) does not exist or is empty", message)
+    if not match:
+        return DataError(f"Dataset {name!r} could not be prepared: {message}")
+    instructions = message.split("instructions:", 1)[-1].strip()
+    return DatasetNotReadyError(
+        f"Dataset {name!r} is not downloaded yet: put its files in {match.group(1)} (tfds' "
+        "manual directory under `data_dir`), or pass the folder holding them as "
+        f"`manual_dir`. {instructions}"
     )
 
 
