@@ -39,10 +39,13 @@ import numpy as np
 import tensorflow as tf
 
 from kfcn import metrics
+from kfcn.files import write_text_atomically
+from kfcn.layers import IMAGENET_MEAN_RGB
 
 __all__ = [
     "DEFAULT_SCALES",
     "MODES",
+    "accumulate_confusion",
     "check_num_classes",
     "evaluate",
     "format_results",
@@ -58,9 +61,9 @@ _LOG = logging.getLogger(__name__)
 
 MODES = ("whole", "slide", "msflip")
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-# Padding colour for slide windows: the ImageNet mean RGB, as in kfcn.data's train
-# pipeline, so padded pixels are (close to) zero after the model's mean subtraction.
-PAD_RGB = (123.68, 116.78, 103.94)
+# Padding colour for slide windows: the ImageNet mean RGB the model itself pads with
+# (kfcn.layers), so padded pixels are zero after the model's mean subtraction.
+PAD_RGB = IMAGENET_MEAN_RGB
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -324,10 +327,11 @@ def _unpack(element: Any) -> tuple[Any, Any, str]:
     return image, label, name.decode() if isinstance(name, bytes) else str(name)
 
 
-def evaluate(
+def accumulate_confusion(
     model: keras.Model,
     dataset: Any,
-    info: Any,
+    num_classes: int,
+    ignore_label: int = 255,
     mode: str = "whole",
     *,
     crop_size: int | Sequence[int] | None = None,
@@ -335,31 +339,32 @@ def evaluate(
     scales: Sequence[float] = DEFAULT_SCALES,
     flip: bool = True,
     max_images: int | None = None,
-    progress: Callable[[int, str], None] | None = None,
-) -> dict[str, Any]:
-    """Evaluates a model on a dataset with the FCN metrics.
+    on_image: Callable[[int, str, Any, np.ndarray, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, int]:
+    """The evaluation loop: predicts each image and sums the confusion matrix.
+
+    `evaluate` and the training loop's validation both run this loop (training
+    then sums the workers' matrices).
 
     Args:
-        model: Keras model mapping RGB 0..255 images to logits [b, H, W, C].
-        dataset: Iterable of {"image", "label", "name"} dicts (as from
-            `kfcn.data.load_dataset`) or of (image, label[, name]) tuples, one image each.
-        info: Object with `num_classes`, `ignore_label` and `class_names`
-            (`kfcn.data.DatasetInfo`).
+        model: Keras model mapping RGB 0..255 images to logits [b, H, W, C]
+            (or `traced(model)`).
+        dataset: Iterable of {"image", "label", "name"} dicts or of
+            (image, label[, name]) tuples, one image each.
+        num_classes: C.
+        ignore_label: Label value left out of the matrix.
         mode: "whole", "slide" or "msflip" (see `predict`).
         crop_size: Window size for "slide" (and optionally "msflip").
         stride: Window stride (default 2/3 of `crop_size`).
         scales: Scales for "msflip".
         flip: Mirror images in "msflip".
         max_images: Stop after this many images.
-        progress: Called as progress(images_done, name) after each image.
+        on_image: Called after each image as
+            `on_image(images_done, name, image, label, prediction)`, with the
+            image as given, label and prediction int [H, W].
 
     Returns:
-        Dict with `pixel_accuracy`, `mean_accuracy`, `mean_iou`,
-        `frequency_weighted_iou` (floats), `iou` and `accuracy` (dicts class name ->
-        float, NaN where undefined, see `kfcn.metrics.scores`), `num_images`,
-        `seconds`, `seconds_per_image`, `confusion_matrix` (list of lists, rows =
-        ground truth) and the test settings (`mode`, `crop_size`, `stride`,
-        `scales`, `flip`).
+        (confusion int64 [C, C], rows = ground truth; number of images).
 
     Raises:
         ValueError: bad `mode`, or model and dataset disagree on the number of classes.
@@ -370,12 +375,11 @@ def evaluate(
         raise ValueError("mode='slide' needs `crop_size`. Received: crop_size=None")
     if max_images is not None and max_images < 1:
         raise ValueError(f"`max_images` must be >= 1. Received: max_images={max_images}")
-    num_classes = int(info.num_classes)
-    check_num_classes(model, num_classes)
-    model = traced(model)
+    if isinstance(model, keras.Model):
+        check_num_classes(model, num_classes)
+        model = traced(model)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     count = 0
-    start = time.perf_counter()
     for element in dataset:
         if max_images is not None and count >= max_images:
             break
@@ -395,11 +399,87 @@ def evaluate(
                 f"shape {prediction.shape}"
             )
         confusion += metrics.confusion_matrix(
-            label, prediction, num_classes, ignore_label=int(info.ignore_label)
+            label, prediction, num_classes, ignore_label=int(ignore_label)
         )
         count += 1
-        if progress is not None:
-            progress(count, name)
+        if on_image is not None:
+            on_image(count, name, image, label, prediction)
+    return confusion, count
+
+
+def _each_image(
+    progress: Callable[[int, str], None] | None,
+    on_image: Callable[[int, str, Any, np.ndarray, np.ndarray], None] | None,
+) -> Callable[[int, str, Any, np.ndarray, np.ndarray], None] | None:
+    if progress is None:
+        return on_image
+
+    def both(count: int, name: str, image: Any, label: np.ndarray, prediction: np.ndarray):
+        if on_image is not None:
+            on_image(count, name, image, label, prediction)
+        progress(count, name)
+
+    return both
+
+
+def evaluate(
+    model: keras.Model,
+    dataset: Any,
+    info: Any,
+    mode: str = "whole",
+    *,
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+    max_images: int | None = None,
+    progress: Callable[[int, str], None] | None = None,
+    on_image: Callable[[int, str, Any, np.ndarray, np.ndarray], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluates a model on a dataset with the FCN metrics.
+
+    Args:
+        model: Keras model mapping RGB 0..255 images to logits [b, H, W, C].
+        dataset: Iterable of {"image", "label", "name"} dicts (as from
+            `kfcn.data.load_dataset`) or of (image, label[, name]) tuples, one image each.
+        info: Object with `num_classes`, `ignore_label` and `class_names`
+            (`kfcn.data.DatasetInfo`).
+        mode: "whole", "slide" or "msflip" (see `predict`).
+        crop_size: Window size for "slide" (and optionally "msflip").
+        stride: Window stride (default 2/3 of `crop_size`).
+        scales: Scales for "msflip".
+        flip: Mirror images in "msflip".
+        max_images: Stop after this many images.
+        progress: Called as progress(images_done, name) after each image.
+        on_image: Called after each image as
+            `on_image(images_done, name, image, label, prediction)` (see
+            `accumulate_confusion`), e.g. to keep per-image scores or examples.
+
+    Returns:
+        Dict with `pixel_accuracy`, `mean_accuracy`, `mean_iou`,
+        `frequency_weighted_iou` (floats), `iou` and `accuracy` (dicts class name ->
+        float, NaN where undefined, see `kfcn.metrics.scores`), `num_images`,
+        `seconds`, `seconds_per_image`, `confusion_matrix` (list of lists, rows =
+        ground truth) and the test settings (`mode`, `crop_size`, `stride`,
+        `scales`, `flip`).
+
+    Raises:
+        ValueError: bad `mode`, or model and dataset disagree on the number of classes.
+    """
+    start = time.perf_counter()
+    confusion, count = accumulate_confusion(
+        model,
+        dataset,
+        int(info.num_classes),
+        int(info.ignore_label),
+        mode,
+        crop_size=crop_size,
+        stride=stride,
+        scales=scales,
+        flip=flip,
+        max_images=max_images,
+        on_image=_each_image(progress, on_image),
+    )
     seconds = time.perf_counter() - start
     if count == 0:
         _LOG.warning("evaluate() saw no images; all scores are NaN")
@@ -460,10 +540,6 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_results_json(results: dict[str, Any], path: str | os.PathLike) -> None:
-    """Writes `evaluate`'s results as JSON, NaN (undefined scores) as null."""
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
-        f.write("\n")
+    """Writes `evaluate`'s results as JSON (atomically), NaN (undefined scores) as null."""
+    text = json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
+    write_text_atomically(text, path)
