@@ -1,4 +1,4 @@
-"""Tests of kfcn.training in this process: schedules, flags, checkpoints, train step, loop."""
+"""Tests of kfcn.training in this process: schedules, config, checkpoints, train step, loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kfcn.training import checkpoints, loop, recipe, schedules
+from kfcn import files
+from kfcn.training import TrainConfig, checkpoints, job, loop, run_dir, schedules
 
 # --------------------------------------------------------------------------------------
 # Helpers
@@ -68,51 +69,113 @@ def test_fixed_schedule_and_errors():
 
 
 # --------------------------------------------------------------------------------------
-# Flags
+# Config
 
 
 @pytest.mark.parametrize(
-    "text, expected", [("360x480", (360, 480)), ("256", (256, 256)), ("64X32", (64, 32))]
-)
-def test_parse_crop_size(text, expected):
-    assert recipe.parse_crop_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["360x", "axb", "0x5", "1x2x3", ""])
-def test_parse_crop_size_rejects(text):
-    with pytest.raises(recipe.FlagError, match="--crop_size"):
-        recipe.parse_crop_size(text)
-
-
-@pytest.mark.parametrize(
-    "changes, flag",
+    "changes, setting",
     [
-        ({"strategy": "parameter_server"}, "--strategy"),
-        ({"strategy": "mirrored", "cpu_replicas": 2, "batch_size": 3}, "--batch_size"),
-        ({"cpu_replicas": 2}, "--cpu_replicas"),
-        ({"schedule": "cosine"}, "--schedule"),
-        ({"crop_size": "12x"}, "--crop_size"),
-        ({"batch_size": 0}, "--batch_size"),
-        ({"learning_rate": 0.0}, "--learning_rate"),
-        ({"class_weighting": "inverse"}, "--class_weighting"),
-        ({"scale_range": "2,1"}, "--scale_range"),
+        ({"strategy": "parameter_server"}, "strategy"),
+        ({"strategy": "mirrored", "cpu_replicas": 2, "batch_size": 3}, "batch_size"),
+        ({"cpu_replicas": 2}, "cpu_replicas"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"crop_size": (12, 0)}, "crop_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"class_weighting": "inverse"}, "class_weighting"),
+        ({"scale_range": (2.0, 1.0)}, "scale_range"),
+        ({"num_classes": 3}, "num_classes"),  # not a camvid setting
+        ({"dataset": "folder", "list_file": "x.txt"}, "num_classes"),  # required for folder
+        ({"dataset": "folder", "num_classes": 3}, "list_file"),  # no list, no data_dir
+        (
+            {"dataset": "folder", "num_classes": 3, "list_file": "x", "class_names": ("a",)},
+            "class_names",
+        ),
     ],
 )
-def test_config_validate_names_the_flag(changes, flag):
-    config = recipe.TrainConfig(model_dir="/tmp/unused", **changes)
-    with pytest.raises(recipe.FlagError, match=flag):
+def test_config_validate_names_the_setting(changes, setting):
+    config = TrainConfig(model_dir="/tmp/unused", **changes)
+    with pytest.raises(ValueError, match=f"`{setting}`"):
         config.validate()
 
 
-def test_train_split_defaults_per_dataset():
-    assert recipe.TrainConfig("m", dataset="sbd").resolved_train_split() == "train_aug"
-    assert recipe.TrainConfig("m", dataset="voc").resolved_train_split() == "train"
-    assert recipe.TrainConfig("m", dataset="sbd", train_split="train").resolved_train_split() == (
-        "train"
+def test_config_round_trips_through_its_dict():
+    config = TrainConfig(
+        "m",
+        dataset="folder",
+        num_classes=2,
+        class_names=["a", "b"],
+        list_file="l.txt",
+        crop_size=[3, 4],
+        seed=5,
     )
+    values = config.to_dict()
+    assert values["crop_size"] == [3, 4] and values["class_names"] == ["a", "b"]
+    assert TrainConfig.from_dict(values) == config
+    assert config.crop_size == (3, 4) and config.class_names == ("a", "b")
+    with pytest.raises(ValueError, match="Unknown training settings.*'crop'"):
+        TrainConfig.from_dict({**values, "crop": 1})
+
+
+def test_train_split_defaults_per_dataset():
+    assert TrainConfig("m", dataset="sbd").resolved_train_split == "train_aug"
+    assert TrainConfig("m", dataset="voc").resolved_train_split == "train"
+    assert TrainConfig("m", dataset="sbd", train_split="train").resolved_train_split == "train"
+
+
+def test_folder_dataset_arguments():
+    config = TrainConfig(
+        "m",
+        dataset="folder",
+        num_classes=2,
+        list_file="t.txt",
+        val_list_file="v.txt",
+        ignore_label=9,
+        class_names=("a", "b"),
+    )
+    assert config.dataset_kwargs() == {
+        "num_classes": 2,
+        "list_file": "t.txt",
+        "ignore_label": 9,
+        "class_names": ("a", "b"),
+    }
+    assert config.dataset_kwargs(validation=True)["list_file"] == "v.txt"
+    assert config.has_validation
+    assert not TrainConfig("m", dataset="folder", num_classes=2, list_file="t").has_validation
+    assert not TrainConfig("m", val_split=None).has_validation
+    assert TrainConfig("m", manual_dir="/d").dataset_kwargs() == {"manual_dir": "/d"}
 
 
 # --------------------------------------------------------------------------------------
+# The run directory
+
+
+def test_seed_is_drawn_once_and_kept_on_resume(tmp_path):
+    run = run_dir.RunDirectory(str(tmp_path))
+    first = run.settle_seed(TrainConfig(str(tmp_path)))
+    assert isinstance(first.seed, int)
+    run.record_settings(first)
+    again = run.settle_seed(TrainConfig(str(tmp_path)))
+    assert again.seed == first.seed
+    # The settings file reads back into the same config.
+    assert TrainConfig.from_dict(run.previous_settings()) == first
+    assert os.listdir(tmp_path) == ["config.yaml"]
+    other = run_dir.RunDirectory(str(tmp_path / "other"), is_chief=False)
+    other.record_settings(first)
+    assert not os.path.exists(tmp_path / "other")  # only the chief writes
+
+
+def test_run_is_complete_only_with_its_steps_and_model(tmp_path):
+    run = run_dir.RunDirectory(str(tmp_path))
+    assert run.checkpoint_step() == 0 and not run.is_complete(1)
+    step = tf.Variable(0, dtype=tf.int64)
+    checkpoints.TrainingCheckpoint(str(tmp_path), step=step).save(200)
+    assert run.checkpoint_step() == 200
+    assert not run.is_complete(60)  # no model.keras yet: the loop must still write it
+    run.save_model(tiny_model())
+    assert run.is_complete(60) and run.is_complete(200) and not run.is_complete(201)
+
+
 # Atomic writes and checkpoints
 
 
@@ -128,22 +191,22 @@ class _FailingModel:
 def test_save_model_atomically_keeps_previous_file(tmp_path):
     path = str(tmp_path / "model.keras")
     model = tiny_model()
-    checkpoints.save_model_atomically(model, path)
+    files.save_model_atomically(model, path)
     before = open(path, "rb").read()
     with pytest.raises(OSError, match="disk full"):
-        checkpoints.save_model_atomically(_FailingModel(), path)
+        files.save_model_atomically(_FailingModel(), path)
     assert open(path, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["model.keras"]  # no temporary file left
     reloaded = keras.saving.load_model(path)
     x = np.random.default_rng(0).uniform(0, 255, (1, 5, 7, 3)).astype(np.float32)
     np.testing.assert_allclose(reloaded(x), model(x), rtol=1e-6)
     with pytest.raises(ValueError, match="must end in '.keras'"):
-        checkpoints.save_model_atomically(model, str(tmp_path / "model.h5"))
+        files.save_model_atomically(model, str(tmp_path / "model.h5"))
 
 
 def test_write_json_atomically(tmp_path):
     path = str(tmp_path / "flags.json")
-    checkpoints.write_json_atomically({"b": 1, "a": [1, 2]}, path)
+    files.write_json_atomically({"b": 1, "a": [1, 2]}, path)
     assert json.load(open(path)) == {"a": [1, 2], "b": 1}
     assert os.listdir(tmp_path) == ["flags.json"]
 
@@ -254,7 +317,15 @@ def test_evaluate_matches_numpy_scores():
             tf.TensorSpec([1, None, None], tf.int32),
         ),
     )
-    scores = loop.evaluate(_argmax_rgb_model(), dataset, num_classes=3, ignore_label=255)
+    seen = []
+    scores = loop.validate(
+        _argmax_rgb_model(),
+        dataset,
+        num_classes=3,
+        ignore_label=255,
+        on_image=lambda n, name, image, label, prediction: seen.append(prediction.shape),
+    )
+    assert seen == [(5, 7), (4, 4), (6, 3)]
     iou = [
         confusion[c, c] / (confusion[c].sum() + confusion[:, c].sum() - confusion[c, c])
         for c in range(3)
@@ -306,18 +377,32 @@ def _train(model_dir, total_steps, *, poison_from=None, lr=0.05, checkpoint_ever
         model_dir=str(model_dir),
         num_classes=3,
         eval_dataset_fn=eval_fn,
+        # A picture of the prediction: the image with class c painted grey level 100 * c.
+        overlay_fn=lambda image, prediction: np.concatenate(
+            [image, np.repeat((100 * prediction).astype(np.uint8)[..., None], 3, -1)], axis=1
+        ),
+        num_overlays=2,
     )
     return result, model, optimizer
 
 
+def _summaries(directory) -> list:
+    return [
+        (event.step, value)
+        for name in os.listdir(directory)
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(directory, name))
+        for value in event.summary.value
+    ]
+
+
 def _scalar_tags(directory) -> set[str]:
     tags = set()
-    for name in os.listdir(directory):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(directory, name)):
-            for value in event.summary.value:
-                assert value.metadata.plugin_data.plugin_name == "scalars"
-                assert tf.make_ndarray(value.tensor).shape == ()
-                tags.add(value.tag)
+    for _, value in _summaries(directory):
+        if value.metadata.plugin_data.plugin_name == "images":
+            continue
+        assert value.metadata.plugin_data.plugin_name == "scalars"
+        assert tf.make_ndarray(value.tensor).shape == ()
+        tags.add(value.tag)
     return tags
 
 
@@ -340,6 +425,22 @@ def test_loop_resumes_where_it_stopped(tmp_path):
         "mean_iou",
         "pixel_accuracy",
     }
+    # Prediction overlays of the first 2 validation images at each validation.
+    images = [
+        (step, value)
+        for step, value in _summaries(tmp_path / "resumed" / "logs" / "validation")
+        if value.metadata.plugin_data.plugin_name == "images"
+    ]
+    assert sorted((step, value.tag) for step, value in images) == [
+        (step, f"prediction_{i}") for step in (4, 5, 8, 9) for i in (0, 1)
+    ]
+    width, height, png = tf.make_ndarray(images[-1][1].tensor)
+    assert (int(width), int(height)) == (16, 8)
+    # The picture at step 9 shows the final model's prediction for its image.
+    (last,) = [v for step, v in images if (step, v.tag) == (9, "prediction_0")]
+    picture = tf.io.decode_png(tf.make_ndarray(last.tensor)[2]).numpy()
+    expected = np.argmax(model(synthetic_batches(16, 8)[0][:1]), -1)[0]
+    np.testing.assert_array_equal(picture[:, 8:, 0], 100 * expected)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -397,7 +498,7 @@ def test_restore_into_a_different_setup_names_the_flags(tmp_path):
     saved = checkpoints.TrainingCheckpoint(str(tmp_path), weights=tf.Variable(tf.zeros([2])))
     saved.save(1)
     other = checkpoints.TrainingCheckpoint(str(tmp_path), weights=tf.Variable(tf.zeros([3])))
-    with pytest.raises(checkpoints.CheckpointMismatchError, match="--backbone.*new --model_dir"):
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="`backbone`.*new `model_dir`"):
         other.restore()
 
 
@@ -406,7 +507,7 @@ def test_set_batch_norm_momentum():
     x = keras.layers.BatchNormalization(momentum=0.999)(images)
     inner = keras.Model(images, keras.layers.BatchNormalization(momentum=0.999)(x))
     outer = keras.Model(images, keras.layers.Conv2D(2, 1)(inner(images)))
-    assert recipe.set_batch_norm_momentum(outer, 0.9) == 2
+    assert job.set_batch_norm_momentum(outer, 0.9) == 2
     layers = [layer for layer in inner.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert [layer.momentum for layer in layers] == [0.9, 0.9]
     # Inference statistics now follow the batches at the new rate: one update moves

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints and atomic writes of the final model and the run's flags.
+"""Crash-safe checkpoints of the training state.
 
 Checkpoints use `tf.train.CheckpointManager`: it writes the checkpoint's data and
 index files first and only then replaces its `checkpoint` state file (atomically,
@@ -14,11 +14,9 @@ directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import tensorflow as tf
@@ -29,7 +27,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class CheckpointMismatchError(ValueError):
-    """The latest checkpoint does not fit the model/optimizer built from the current flags."""
+    """The latest checkpoint does not fit the model/optimizer built from the current settings."""
 
 
 class TrainingCheckpoint:
@@ -81,16 +79,16 @@ class TrainingCheckpoint:
         if path is None:
             return None
         # Every saved object must find its counterpart: a mismatch means the
-        # flags changed (other backbone/variant) and silently training a
+        # settings changed (other backbone/variant) and silently training a
         # half-restored model would be worse than failing.
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         except (ValueError, AssertionError, tf.errors.OpError) as e:
             raise CheckpointMismatchError(
                 f"Cannot resume from {path}: it does not fit the model and optimizer built "
-                f"from the current flags ({str(e).splitlines()[0][:300]}). Were --backbone, "
-                "--variant, --optimizer or --schedule changed since it was written? Rerun with "
-                "the original flags, or use a new --model_dir."
+                f"from the current settings ({str(e).splitlines()[0][:300]}). Were `backbone`, "
+                "`variant`, `optimizer` or `schedule` changed since it was written? Rerun with "
+                "the original settings (its config.yaml), or use a new `model_dir`."
             ) from e
         logger.info("Restored checkpoint %s", path)
         return path
@@ -107,47 +105,3 @@ class TrainingCheckpoint:
             return None
         logger.info("Saved checkpoint %s", path)
         return path
-
-
-def save_model_atomically(model: Any, path: str) -> None:
-    """Saves a Keras model to `path` through a temporary file and `os.replace`.
-
-    A reader never sees a half-written `model.keras`: either the previous file
-    or the complete new one.
-
-    Args:
-        model: the `keras.Model`.
-        path: destination, ending in ".keras".
-
-    Raises:
-        ValueError: if `path` does not end in ".keras".
-    """
-    if not path.endswith(".keras"):
-        raise ValueError(f"`path` must end in '.keras'. Received: path={path!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp, overwrite=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomically(obj: Any, path: str) -> None:
-    """Writes `obj` as indented JSON to `path` via a temporary file and `os.replace`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

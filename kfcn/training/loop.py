@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from kfcn import metrics
+from kfcn import evaluation, metrics
 from kfcn.training.checkpoints import TrainingCheckpoint
 from kfcn.training.strategy import WorkerInfo, worker_info
 
@@ -46,6 +46,7 @@ WATCHDOG_EXIT_CODE = 3
 LossFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 TrainDatasetFn = Callable[[tf.distribute.InputContext, int], tf.data.Dataset]
 EvalDatasetFn = Callable[[int, int], tf.data.Dataset]
+OverlayFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -107,7 +108,7 @@ class TrainResult:
         start_step: the step training resumed from (0 for a fresh run).
         final_step: the step reached.
         checkpoint: the chief's latest checkpoint path prefix.
-        metrics: the last validation scores (see `evaluate`), or None.
+        metrics: the last validation scores (see `validate`), or None.
         images_per_second: mean training throughput after the first logging window
             (which includes tracing), or over the whole run if it was the only one.
     """
@@ -240,7 +241,7 @@ def _sum_over_workers(strategy: tf.distribute.Strategy, info: WorkerInfo, array:
     return strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
 
 
-def evaluate(
+def validate(
     model: keras.Model,
     dataset: tf.data.Dataset,
     *,
@@ -248,8 +249,12 @@ def evaluate(
     ignore_label: int = 255,
     strategy: tf.distribute.Strategy | None = None,
     heartbeat: Callable[[], None] | None = None,
+    on_image: Callable[[int, str, Any, np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
     """Scores `model` on `dataset` (the local shard under multi-worker training).
+
+    Runs `kfcn.evaluation.accumulate_confusion`, the evaluation loop of
+    `kfcn evaluate`, on whole images, then sums the workers' matrices.
 
     Args:
         model: the segmentation model.
@@ -260,28 +265,22 @@ def evaluate(
         strategy: when given and multi-worker, the workers' confusion matrices
             are summed, so every worker returns the scores of the whole set.
         heartbeat: called after every image (keeps the watchdog quiet).
+        on_image: also called after every image, see `accumulate_confusion`.
 
     Returns:
         The dict of `kfcn.metrics.scores` plus "confusion" (nested lists) and
         "num_images".
     """
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-    def predict(images: tf.Tensor) -> tf.Tensor:
-        # tf.argmax, not keras.ops.argmax: the same graph exports to TFLite.
-        return tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32)
-
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    num_images = 0
-    for element in dataset:
-        images, labels = element[0], element[1]
-        predictions = predict(tf.cast(images, tf.float32)).numpy()
-        confusion += metrics.confusion_matrix(
-            np.asarray(labels), predictions, num_classes, ignore_label
-        )
-        num_images += int(images.shape[0])
+    def after_image(*args: Any) -> None:
         if heartbeat is not None:
             heartbeat()
+        if on_image is not None:
+            on_image(*args)
+
+    confusion, num_images = evaluation.accumulate_confusion(
+        model, dataset, num_classes, ignore_label, on_image=after_image
+    )
     if strategy is not None:
         info = worker_info(strategy)
         summed = _sum_over_workers(
@@ -326,7 +325,7 @@ class _Watchdog:
             idle = time.monotonic() - self._last
             if idle > self._timeout:
                 logger.error(
-                    "No training progress for %.0f s (--step_timeout=%g) %s; a peer worker has "
+                    "No training progress for %.0f s (step_timeout=%g) %s; a peer worker has "
                     "probably died. Exiting with status %d; rerun every worker with the same "
                     "command to resume from the last checkpoint.",
                     idle,
@@ -348,6 +347,16 @@ def _scalar(name: str, value: float, step: int) -> None:
     metadata = summary_pb2.SummaryMetadata()
     metadata.plugin_data.plugin_name = "scalars"
     tf.summary.write(name, tf.constant(value, tf.float32), step=step, metadata=metadata)
+
+
+def _image(name: str, rgb: np.ndarray, step: int, description: str = "") -> None:
+    """Writes an RGB uint8 picture as a TensorBoard image (the images plugin's format)."""
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "images"
+    metadata.summary_description = description
+    height, width = rgb.shape[:2]
+    tensor = tf.stack([tf.as_string(width), tf.as_string(height), tf.io.encode_png(rgb)])
+    tf.summary.write(name, tensor, step=step, metadata=metadata)
 
 
 _COLLECTIVE_ERRORS = (
@@ -397,6 +406,8 @@ def train(
     class_weights: Any = None,
     eval_dataset_fn: EvalDatasetFn | None = None,
     loss_fn: LossFn | None = None,
+    overlay_fn: OverlayFn | None = None,
+    num_overlays: int = 3,
 ) -> TrainResult:
     """Trains `model`, resuming from the latest checkpoint in `model_dir`.
 
@@ -419,8 +430,12 @@ def train(
         ignore_label: label value excluded from loss and scores.
         class_weights: optional per-class loss weights.
         eval_dataset_fn: `(num_shards, shard_index) -> dataset` of validation
-            images (see `evaluate`), or None to skip validation.
+            images (see `validate`), or None to skip validation.
         loss_fn: see `make_train_step`.
+        overlay_fn: `(image uint8 [H, W, 3], prediction [H, W]) -> RGB uint8`; at
+            each validation the chief writes the overlays of its first
+            `num_overlays` images to TensorBoard (`logs/validation`, images tab).
+        num_overlays: see `overlay_fn`.
 
     Returns:
         A `TrainResult`.
@@ -443,7 +458,15 @@ def train(
     )
     restored = checkpoint.restore()
     start_step = int(step_var.numpy())
-    if restored:
+    if restored and start_step >= config.total_steps:
+        logger.info(
+            "The run in %s is already at step %d of %d: nothing to train (checkpoint %s)",
+            model_dir,
+            start_step,
+            config.total_steps,
+            restored,
+        )
+    elif restored:
         logger.info(
             "Resuming from step %d (%d epochs done) of %d, checkpoint %s",
             start_step,
@@ -482,13 +505,21 @@ def train(
     last_saved = checkpoint.latest
 
     def run_eval() -> dict[str, Any]:
-        scores = evaluate(
+        overlays: list[tuple[str, np.ndarray]] = []
+
+        def keep_overlay(index: int, name: str, image: Any, label: Any, prediction: Any) -> None:
+            if index <= num_overlays:
+                rgb = np.clip(np.asarray(image)[0], 0, 255).astype(np.uint8)
+                overlays.append((name or str(index), overlay_fn(rgb, prediction)))
+
+        scores = validate(
             model,
             eval_dataset_fn(info.num_workers, info.worker_index),
             num_classes=num_classes,
             ignore_label=ignore_label,
             strategy=strategy,
             heartbeat=watchdog.beat,
+            on_image=keep_overlay if overlay_fn is not None and info.is_chief else None,
         )
         logger.info(
             "validation step %d: mean IoU %.4f, pixel accuracy %.4f, mean accuracy %.4f "
@@ -503,6 +534,8 @@ def train(
             _scalar("mean_iou", scores["mean_iou"], step)
             _scalar("pixel_accuracy", scores["pixel_accuracy"], step)
             _scalar("mean_accuracy", scores["mean_accuracy"], step)
+            for index, (name, picture) in enumerate(overlays):
+                _image(f"prediction_{index}", picture, step, description=name)
         eval_writer.flush()
         return scores
 
@@ -514,7 +547,7 @@ def train(
                 raise NonFiniteLossError(
                     f"Loss is {loss} (l2 {l2}, gradient norm {grad_norm}) at step {step + 1}: "
                     f"training stopped without saving. The last good checkpoint is {last_saved}. "
-                    "Lower --learning_rate or check the input data."
+                    "Lower `learning_rate` or check the input data."
                 )
             step += 1
             window_steps += 1

@@ -1,4 +1,4 @@
-"""Learning-rate schedules of the `--schedule` flag."""
+"""Learning-rate schedules of the `schedule` setting."""
 
 from __future__ import annotations
 

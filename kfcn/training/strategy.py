@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import tensorflow as tf
 
-# TensorFlow is imported inside the functions: the recipes read STRATEGIES to
-# check their flags, and a flag error should not wait for TensorFlow to load.
+# TensorFlow is imported inside the functions: the command reads STRATEGIES for
+# its flags, and `kfcn train --help` should not wait for TensorFlow to load.
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class WorkerInfo:
 def create_strategy(
     name: str, *, cpu_replicas: int = 1, collective_timeout: float | None = None
 ) -> tf.distribute.Strategy:
-    """Creates the `tf.distribute.Strategy` named by the `--strategy` flag.
+    """Creates the `tf.distribute.Strategy` named by the `strategy` setting.
 
     Args:
         name: one of `STRATEGIES`.

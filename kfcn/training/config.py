@@ -1,0 +1,250 @@
+"""`TrainConfig`: every setting of a training run, as plain values.
+
+The `kfcn train` command has one flag per field, of the same name; a run writes
+the fields it used to `model_dir/config.yaml` (`to_dict`), and
+`TrainConfig.from_dict` reads them back. Importing this module imports neither
+TensorFlow nor Keras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kfcn.training.schedules import SCHEDULES
+from kfcn.training.strategy import STRATEGIES
+
+OPTIMIZERS = ("sgd", "adam")
+CLASS_WEIGHTINGS = ("none", "median_frequency")
+#: Settings that only the "folder" dataset takes (the others know their classes).
+FOLDER_SETTINGS = ("list_file", "val_list_file", "num_classes", "ignore_label", "class_names")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run.
+
+    Attributes:
+        model_dir: Run directory: checkpoints/, logs/, config.yaml, model.keras, result.json.
+        dataset: A name `kfcn.data.load_dataset` knows.
+        data_dir: Dataset root (CamVid/folder root; the tfds data dir for voc, sbd, cityscapes).
+        manual_dir: Manually downloaded archives of the tfds datasets.
+        list_file: "folder" only: the training list of `image mask` lines.
+        val_list_file: "folder" only: the validation list.
+        num_classes: "folder" only: number of classes.
+        ignore_label: "folder" only: label value left out of loss and scores (default 255).
+        class_names: "folder" only: one name per class.
+        train_split: Training split (default "train_aug" for sbd, else "train").
+        val_dataset: Validation dataset (default `dataset`).
+        val_split: Validation split; None skips validation.
+        strategy: "one_device", "mirrored" or "multi_worker_mirrored".
+        cpu_replicas: Logical CPU devices for "mirrored" on a machine without GPUs.
+        backbone: Backbone name (`kfcn.backbones`).
+        variant: "fcn32s", "fcn16s" or "fcn8s" (checked by `kfcn.build_fcn`).
+        weights: None, "imagenet" or a Keras Applications classifier weights file.
+        init_from: A `.keras` model whose same-named layers initialise the network.
+        trainable_upsampling: Learn the bilinear upsampling.
+        dropout: Dropout rate of the classifier.
+        bn_momentum: Momentum of every BatchNormalization layer (None: the backbone's).
+        batch_size: Global batch size.
+        crop_size: Training crop (height, width).
+        scale_range: Random rescaling (min, max).
+        epochs: Training epochs (when `steps` is None).
+        steps: Training steps.
+        optimizer: "sgd" or "adam".
+        learning_rate: Initial learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 on kernels added to the loss (Caffe's weight_decay).
+        schedule: "poly" or "fixed".
+        class_weighting: "none" or "median_frequency".
+        mixed_precision: float16 (GPU) or bfloat16 (CPU) compute.
+        eval_every: Validate every N steps (0: every epoch) and at the end.
+        max_eval_images: Validate on at most this many images.
+        num_overlays: Prediction overlays written to TensorBoard at each validation.
+        checkpoint_every: Checkpoint every N steps (0: every epoch) and at the end.
+        log_every: Log a progress line every N steps.
+        seed: Seed of initialisation, shuffling and augmentation (None: random, then
+            recorded in config.yaml).
+        step_timeout: Seconds without a finished step after which the process exits.
+        collective_timeout: Multi-worker all-reduce timeout in seconds.
+    """
+
+    model_dir: str
+    dataset: str = "camvid"
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    list_file: str | None = None
+    val_list_file: str | None = None
+    num_classes: int | None = None
+    ignore_label: int | None = None
+    class_names: tuple[str, ...] | None = None
+    train_split: str | None = None
+    val_dataset: str | None = None
+    val_split: str | None = "val"
+    strategy: str = "one_device"
+    cpu_replicas: int = 1
+    backbone: str = "vgg16"
+    variant: str = "fcn8s"
+    weights: str | None = None
+    init_from: str | None = None
+    trainable_upsampling: bool = False
+    dropout: float = 0.5
+    bn_momentum: float | None = None
+    batch_size: int = 8
+    crop_size: tuple[int, int] = (512, 512)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    epochs: int = 50
+    steps: int | None = None
+    optimizer: str = "sgd"
+    learning_rate: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "poly"
+    class_weighting: str = "none"
+    mixed_precision: bool = False
+    eval_every: int = 0
+    max_eval_images: int | None = None
+    num_overlays: int = 3
+    checkpoint_every: int = 0
+    log_every: int = 10
+    seed: int | None = None
+    step_timeout: float | None = 1800.0
+    collective_timeout: float | None = 600.0
+
+    def __post_init__(self) -> None:
+        self.crop_size = tuple(int(v) for v in self.crop_size)
+        self.scale_range = tuple(float(v) for v in self.scale_range)
+        if self.class_names is not None:
+            self.class_names = tuple(str(n) for n in self.class_names)
+
+    @property
+    def resolved_train_split(self) -> str:
+        """`train_split`, defaulting to SBD's "train_aug" and other datasets' "train"."""
+        return self.train_split or ("train_aug" if self.dataset == "sbd" else "train")
+
+    @property
+    def resolved_val_dataset(self) -> str:
+        """`val_dataset`, defaulting to `dataset`."""
+        return self.val_dataset or self.dataset
+
+    def dataset_kwargs(self, validation: bool = False) -> dict[str, Any]:
+        """Keyword arguments of `kfcn.data.load_dataset` for the training or validation data."""
+        kwargs: dict[str, Any] = {}
+        if self.manual_dir:
+            kwargs["manual_dir"] = self.manual_dir
+        name = self.resolved_val_dataset if validation else self.dataset
+        if name == "folder":
+            kwargs["num_classes"] = self.num_classes
+            list_file = self.val_list_file if validation else self.list_file
+            if list_file:
+                kwargs["list_file"] = list_file
+            if self.ignore_label is not None:
+                kwargs["ignore_label"] = self.ignore_label
+            if self.class_names is not None:
+                kwargs["class_names"] = self.class_names
+        return kwargs
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the run validates: a split is named and, for a folder, a list exists."""
+        if not self.val_split:
+            return False
+        if self.resolved_val_dataset == "folder":
+            return bool(self.val_list_file or self.data_dir)
+        return True
+
+    def validate(self) -> None:
+        """Checks the settings that need no TensorFlow.
+
+        Raises:
+            ValueError: naming the setting and the value received, Keras-style
+                ("`batch_size` must be >= 1. Received: batch_size=0").
+        """
+
+        def fail(name: str, requirement: str) -> None:
+            raise ValueError(f"`{name}` {requirement}. Received: {name}={getattr(self, name)!r}")
+
+        for name, allowed in (
+            ("strategy", STRATEGIES),
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("class_weighting", CLASS_WEIGHTINGS),
+        ):
+            if getattr(self, name) not in allowed:
+                fail(name, f"must be one of {', '.join(allowed)}")
+        if not self.model_dir:
+            fail("model_dir", "is required")
+        for name in ("batch_size", "cpu_replicas", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        for name in ("steps", "max_eval_images", "num_classes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        for name in ("eval_every", "checkpoint_every", "num_overlays"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
+        if not self.learning_rate > 0:
+            fail("learning_rate", "must be > 0")
+        if self.weight_decay < 0:
+            fail("weight_decay", "must be >= 0")
+        if not 0 <= self.momentum < 1:
+            fail("momentum", "must be in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            fail("dropout", "must be in [0, 1)")
+        if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
+            fail("bn_momentum", "must be in [0, 1)")
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            fail("crop_size", "must be (height, width), positive")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            fail("scale_range", "must be (min, max) with 0 < min <= max")
+        if self.ignore_label is not None and not 0 <= self.ignore_label <= 255:
+            fail("ignore_label", "must be in [0, 255]")
+        if self.strategy != "mirrored" and self.cpu_replicas != 1:
+            fail("cpu_replicas", f"is for strategy='mirrored' only, not {self.strategy!r}")
+        if self.strategy == "mirrored" and self.batch_size % self.cpu_replicas:
+            fail("batch_size", f"must be divisible by the {self.cpu_replicas} CPU replicas")
+        self._validate_dataset_settings()
+
+    def _validate_dataset_settings(self) -> None:
+        uses_folder = "folder" in (self.dataset, self.resolved_val_dataset)
+        if not uses_folder:
+            for name in FOLDER_SETTINGS:
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"`{name}` is a setting of dataset='folder' only (other datasets know "
+                        f"their classes and files). Received: {name}={getattr(self, name)!r} "
+                        f"with dataset={self.dataset!r}"
+                    )
+            return
+        if self.num_classes is None:
+            raise ValueError(
+                "`num_classes` is required with dataset='folder'. Received: num_classes=None"
+            )
+        if self.dataset == "folder" and not (self.list_file or self.data_dir):
+            raise ValueError(
+                "dataset='folder' needs `list_file` (or `data_dir` holding "
+                f"{self.resolved_train_split}.txt). Received: list_file=None, data_dir=None"
+            )
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"`class_names` must name the {self.num_classes} classes. Received: "
+                f"class_names={','.join(self.class_names)!r} ({len(self.class_names)} names)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain YAML/JSON values (tuples become lists)."""
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Builds a config from `to_dict`'s output (e.g. a run's config.yaml).
+
+        Raises:
+            ValueError: naming keys that are not settings.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"Unknown training settings {unknown}; known: {sorted(names)}")
+        return cls(**values)

@@ -1,0 +1,392 @@
+"""`fit(config)`: a whole training run, as the stages it goes through.
+
+1. strategy and precision policy (`kfcn.training.strategy`);
+2. inputs: the dataset, steps, class weights and the tf.data pipelines (`kfcn.data`);
+3. model and optimizer, in the strategy's scope (`kfcn.build_fcn`);
+4. the loop, which checkpoints, validates and resumes (`kfcn.training.loop`);
+5. the final model and results in the run directory (`kfcn.training.run_dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from kfcn.training.config import TrainConfig
+from kfcn.training.run_dir import FitResult, RunDirectory
+
+logger = logging.getLogger(__name__)
+
+#: `(config, num_classes) -> keras.Model`, called in the strategy's scope.
+ModelFn = Callable[[TrainConfig, int], Any]
+
+
+def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
+    """Trains as configured; resumes from `config.model_dir` if it holds checkpoints.
+
+    Call it on every worker with the same config under multi-worker training.
+
+    Args:
+        config: the settings.
+        model_fn: builds the model; default `kfcn.build_fcn` with the config's
+            variant, backbone, weights and init_from.
+
+    Returns:
+        A `FitResult` (also written to `model_dir/result.json`).
+
+    Raises:
+        ValueError: on invalid settings (naming the setting), bad data
+            (`kfcn.data.DataError`) or a dataset not downloaded yet
+            (`kfcn.data.DatasetNotReadyError`).
+        kfcn.training.checkpoints.CheckpointMismatchError: when model_dir holds
+            checkpoints of another model.
+        kfcn.training.loop.NonFiniteLossError: when the loss becomes NaN/inf.
+        kfcn.training.loop.PeerFailureError: when a peer worker died.
+
+    Example:
+        ```python
+        config = kfcn.training.TrainConfig("runs/roads", dataset="folder",
+                                           list_file="roads/train.txt", num_classes=4,
+                                           backbone="mobilenetv2", crop_size=(256, 256))
+        result = kfcn.training.fit(config)
+        model = kfcn.load_model(result.model_path)
+        ```
+    """
+    config.validate()
+    strategy, loss_scaling = _strategy_and_precision(config)
+    from kfcn.training import loop
+    from kfcn.training.strategy import worker_info
+
+    worker = worker_info(strategy)
+    run = RunDirectory(config.model_dir, is_chief=worker.is_chief)
+    config = run.settle_seed(config)
+    inputs = Inputs(config, strategy.num_replicas_in_sync)
+    run.record_settings(config)
+    run_facts = inputs.facts(strategy, worker.num_workers)
+    if run.is_complete(inputs.total_steps):
+        return _already_complete(run, inputs.total_steps, run_facts)
+
+    model, optimizer = _model_and_optimizer(config, strategy, inputs, loss_scaling, model_fn)
+    trained = loop.train(
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        train_dataset_fn=inputs.train_dataset,
+        config=inputs.loop_config(),
+        model_dir=config.model_dir,
+        num_classes=inputs.info.num_classes,
+        ignore_label=inputs.info.ignore_label,
+        class_weights=inputs.class_weights,
+        eval_dataset_fn=inputs.eval_dataset if config.has_validation else None,
+        overlay_fn=_overlay_fn(inputs.class_info),
+        num_overlays=config.num_overlays,
+    )
+
+    if config.mixed_precision:
+        model = _float32_copy(model, config, inputs.info.num_classes, model_fn)
+    run.save_model(model, inputs.class_info)
+    result = FitResult(
+        model_dir=config.model_dir,
+        model_path=run.model_path,
+        start_step=trained.start_step,
+        final_step=trained.final_step,
+        total_steps=inputs.total_steps,
+        validation=None
+        if trained.metrics is None
+        else {k: v for k, v in trained.metrics.items() if k != "confusion"},
+        images_per_second=trained.images_per_second,
+        run=run_facts,
+        is_chief=run.is_chief,
+    )
+    run.write_result(result)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# 1. Strategy and precision policy
+
+
+def _strategy_and_precision(config: TrainConfig) -> tuple[Any, bool]:
+    """Creates the strategy and sets the dtype policy; returns (strategy, loss_scaling)."""
+    from kfcn.training import strategy as strategy_lib
+
+    # Before any TensorFlow op: logical devices and collectives are fixed at start-up.
+    if config.strategy == "mirrored":
+        strategy_lib.configure_cpu_replicas(config.cpu_replicas)
+    strategy = strategy_lib.create_strategy(
+        config.strategy,
+        cpu_replicas=config.cpu_replicas,
+        collective_timeout=config.collective_timeout,
+    )
+    import keras
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(
+            f"`batch_size` must be divisible by the number of replicas ({replicas}). "
+            f"Received: batch_size={config.batch_size}"
+        )
+    gpus = bool(tf.config.list_logical_devices("GPU"))
+    policy = ("mixed_float16" if gpus else "mixed_bfloat16") if config.mixed_precision else None
+    keras.config.set_dtype_policy(policy or "float32")
+    return strategy, bool(config.mixed_precision and gpus)
+
+
+# --------------------------------------------------------------------------------------
+# 2. Inputs
+
+
+class Inputs:
+    """The training and validation data of a run, and the step counts they imply.
+
+    Args:
+        config: the settings (with the seed settled).
+        num_replicas: replicas in sync (for the log line).
+    """
+
+    def __init__(self, config: TrainConfig, num_replicas: int) -> None:
+        from kfcn import data
+
+        self.config = config
+        self.num_replicas = num_replicas
+        train, self.info = data.load_dataset(
+            config.dataset, config.resolved_train_split, config.data_dir, **config.dataset_kwargs()
+        )
+        self.num_examples = self.info.num_examples or int(train.reduce(0, lambda n, _: n + 1))
+        self.steps_per_epoch = max(1, math.ceil(self.num_examples / config.batch_size))
+        self.total_steps = config.steps or config.epochs * self.steps_per_epoch
+        self.class_weights = None
+        if config.class_weighting == "median_frequency":
+            from kfcn import losses
+
+            self.class_weights = losses.median_frequency_weights(
+                train, self.info.num_classes, self.info.ignore_label
+            )
+            logger.info(
+                "Median-frequency class weights: %s",
+                ", ".join(
+                    f"{n} {w:.3f}" for n, w in zip(self.info.class_names, self.class_weights)
+                ),
+            )
+        self.class_info = _class_info(config.dataset, self.info)
+        if not config.has_validation:
+            logger.info("No validation: no val_split, or no validation list for the folder")
+        logger.info(
+            "Training %s %s on %s/%s: %d examples, %d steps/epoch, %d steps, global batch %d "
+            "over %d replica(s) (%s), dtype policy %s",
+            config.variant,
+            config.backbone,
+            config.dataset,
+            config.resolved_train_split,
+            self.num_examples,
+            self.steps_per_epoch,
+            self.total_steps,
+            config.batch_size,
+            num_replicas,
+            config.strategy,
+            _policy_name(),
+        )
+
+    def train_dataset(self, context: Any, start_step: int) -> Any:
+        """The training batches of one input pipeline (see `loop.TrainDatasetFn`)."""
+        from kfcn import data
+
+        config = self.config
+        dataset, _ = data.load_dataset(
+            config.dataset, config.resolved_train_split, config.data_dir, **config.dataset_kwargs()
+        )
+        # Reseeded by the resume step so that a resumed run does not replay the
+        # batches it already trained on (the file-reading pipeline is not checkpointable).
+        return data.train_pipeline(
+            dataset,
+            global_batch_size=config.batch_size,
+            crop_size=config.crop_size,
+            scale_range=config.scale_range,
+            ignore_label=self.info.ignore_label,
+            input_context=context,
+            seed=config.seed + start_step,
+        )
+
+    def eval_dataset(self, num_shards: int, index: int) -> Any:
+        """This worker's shard of the validation images (see `loop.EvalDatasetFn`)."""
+        from kfcn import data
+
+        config = self.config
+        dataset, _ = data.load_dataset(
+            config.resolved_val_dataset,
+            config.val_split,
+            config.data_dir,
+            **config.dataset_kwargs(validation=True),
+        )
+        if config.max_eval_images:
+            dataset = dataset.take(config.max_eval_images)
+        if num_shards > 1:
+            dataset = dataset.shard(num_shards, index)
+        return data.eval_pipeline(dataset)
+
+    def loop_config(self) -> Any:
+        """The loop's step counts and intervals."""
+        from kfcn.training import loop
+
+        config = self.config
+        return loop.LoopConfig(
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            global_batch_size=config.batch_size,
+            checkpoint_every=config.checkpoint_every or self.steps_per_epoch,
+            eval_every=config.eval_every or self.steps_per_epoch,
+            log_every=config.log_every,
+            weight_decay=config.weight_decay,
+            step_timeout=config.step_timeout,
+        )
+
+    def facts(self, strategy: Any, num_workers: int) -> dict[str, Any]:
+        """What the settings resolved to, for result.json."""
+        weights = self.class_weights
+        return {
+            "seed": self.config.seed,
+            "num_replicas": strategy.num_replicas_in_sync,
+            "num_workers": num_workers,
+            "num_train_examples": self.num_examples,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "num_classes": self.info.num_classes,
+            "ignore_label": self.info.ignore_label,
+            "class_names": list(self.info.class_names),
+            "dtype_policy": _policy_name(),
+            "class_weights": None if weights is None else [float(w) for w in weights],
+        }
+
+
+def _policy_name() -> str:
+    import keras
+
+    return keras.config.dtype_policy().name
+
+
+def _class_info(dataset: str, info: Any) -> Any:
+    """The class names and palette stored with the model (`kfcn.metadata.ClassInfo`)."""
+    from kfcn import metadata
+
+    return metadata.class_info_for_dataset(
+        dataset, info.num_classes, info.class_names, ignore_label=info.ignore_label
+    )
+
+
+def _overlay_fn(class_info: Any) -> Callable[[Any, Any], Any]:
+    """`(image, prediction) -> RGB overlay with a legend`, for TensorBoard."""
+    from kfcn import visualize
+
+    def overlay(image: Any, prediction: Any) -> Any:
+        return visualize.overlay(image, prediction, class_info.palette, class_info.names)
+
+    return overlay
+
+
+# --------------------------------------------------------------------------------------
+# 3. Model and optimizer
+
+
+def build_model(config: TrainConfig, num_classes: int) -> Any:
+    """The default `model_fn`: `kfcn.build_fcn` as configured."""
+    import kfcn
+
+    return kfcn.build_fcn(
+        config.variant,
+        backbone=config.backbone,
+        num_classes=num_classes,
+        weights=config.weights,
+        dropout=config.dropout,
+        trainable_upsampling=config.trainable_upsampling,
+        init_from=config.init_from,
+    )
+
+
+def set_batch_norm_momentum(model: Any, momentum: float) -> int:
+    """Sets the moving-average momentum of every BatchNormalization layer in `model`.
+
+    Keras Applications' MobileNetV2 uses 0.999: after the ~1,400 steps of a short
+    run its moving variance is still about 25% its initial 1, so inference-mode
+    outputs of a network trained from scratch are meaningless (one class everywhere).
+
+    Returns:
+        The number of layers changed.
+    """
+    import keras
+
+    changed = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+            changed += 1
+    logger.info("Set the momentum of %d BatchNormalization layers to %g", changed, momentum)
+    return changed
+
+
+def _model_and_optimizer(
+    config: TrainConfig,
+    strategy: Any,
+    inputs: Inputs,
+    loss_scaling: bool,
+    model_fn: ModelFn | None,
+) -> tuple[Any, Any]:
+    import keras
+
+    from kfcn.training import schedules
+
+    # The run's seed initialises the weights too, so that config.yaml repeats the run.
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = (model_fn or build_model)(config, inputs.info.num_classes)
+        if config.bn_momentum is not None:
+            set_batch_norm_momentum(model, config.bn_momentum)
+        learning_rate = schedules.learning_rate_schedule(
+            config.schedule, config.learning_rate, inputs.total_steps
+        )
+        if config.optimizer == "sgd":
+            optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum)
+        else:
+            optimizer = keras.optimizers.Adam(learning_rate)
+        if loss_scaling:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return model, optimizer
+
+
+# --------------------------------------------------------------------------------------
+# 5. Final model and results
+
+
+def _float32_copy(model: Any, config: TrainConfig, num_classes: int, model_fn: ModelFn | None):
+    """Rebuilds `model` in float32 (after mixed precision) with the same weights."""
+    import keras
+
+    keras.config.set_dtype_policy("float32")
+    plain = dataclasses.replace(config, weights=None, init_from=None)
+    copy = (model_fn or build_model)(plain, num_classes)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _already_complete(run: RunDirectory, total_steps: int, facts: dict[str, Any]) -> FitResult:
+    step = run.checkpoint_step()
+    logger.info(
+        "The run in %s is already complete: step %d of %d, %s written; nothing to train",
+        run.path,
+        step,
+        total_steps,
+        run.model_path,
+    )
+    return FitResult(
+        model_dir=run.path,
+        model_path=run.model_path,
+        start_step=step,
+        final_step=step,
+        total_steps=total_steps,
+        already_complete=True,
+        run=facts,
+        is_chief=run.is_chief,
+    )
