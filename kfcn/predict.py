@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from kfcn import metadata, visualize
-from kfcn.files import atomic_output, write_json_atomically
+from kfcn.files import atomic_output, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -756,7 +756,9 @@ def predict_to_directory(
         "images": dict(sorted(results.items(), key=lambda kv: order[kv[0]])),
         "failed": failed,
     }
-    write_json_atomically(summary, os.path.join(output_dir, SUMMARY_FILE))
+    # Not sorted: images stay in input order and fractions in class order.
+    text = json.dumps(summary, indent=2) + "\n"
+    write_text_atomically(text, os.path.join(output_dir, SUMMARY_FILE))
     return summary
 
 
