@@ -1,5 +1,7 @@
 """Trains an FCN on CamVid (11 classes, void ignored) with median-frequency balancing.
 
+A preset of `kfcn train`: the defaults below, every flag of `kfcn train --help`.
+
 Examples:
     # MobileNetV2 FCN-8s from scratch (val mIoU 50.05% in 16 min on 2 CPU cores):
     python recipes/train_camvid.py --data_dir /work/shared/data/camvid \\
@@ -12,20 +14,20 @@ Examples:
     python recipes/train_camvid.py ... --variant fcn32s --model_dir M32
     python recipes/train_camvid.py ... --variant fcn16s --init_from M32/model.keras --model_dir M16
 
-Writes model_dir/model.keras (for recipes/evaluate.py and export), model_dir/checkpoints,
-model_dir/logs (TensorBoard), model_dir/flags.json and model_dir/result.json.
+Writes model_dir/config.yaml, checkpoints/, logs/ (TensorBoard), model.keras (for
+`kfcn evaluate`, `kfcn predict` and `kfcn export`) and result.json.
 """
 
-from absl import app, flags
+import sys
 
-from kfcn.training import recipe
+import kfcn.cli
 
-# Hyperparameters (each is a flag of the same name). CamVid is small (367 training
-# images at 360x480): whole-image crops, Adam from scratch or SGD when fine-tuning,
-# the poly schedule, and median-frequency class balancing as published CamVid recipes do.
+# CamVid is small (367 training images at 360x480): whole-image crops, SGD when
+# fine-tuning from ImageNet (Adam from scratch), the poly schedule, and median-frequency
+# class balancing as published CamVid recipes do. --data_dir defaults to
+# $KFCN_DATA_DIR/camvid.
 DEFAULTS = dict(
     dataset="camvid",
-    data_dir=None,  # None: $KFCN_DATA_DIR/camvid
     val_split="val",
     backbone="vgg16",
     variant="fcn8s",
@@ -43,6 +45,11 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    recipe.define_flags(DEFAULTS, datasets=("camvid",))
-    flags.adopt_module_key_flags(recipe)  # so that --help lists them
-    app.run(recipe.main)
+    sys.exit(
+        kfcn.cli.main(
+            ["train", *sys.argv[1:]],
+            prog="train_camvid.py",
+            defaults=DEFAULTS,
+            choices={"dataset": ("camvid",), "val_dataset": ("camvid",)},
+        )
+    )

@@ -1,5 +1,7 @@
 """Trains an FCN on PASCAL VOC 2012 (21 classes) or SBD train_aug (Long et al. 2015, Sec. 4.3).
 
+A preset of `kfcn train`: the defaults below, every flag of `kfcn train --help`.
+
 Examples:
     # FCN-32s from ImageNet VGG16 on SBD train_aug (VOC 2012 val for validation):
     python recipes/train_voc.py --dataset sbd --model_dir /work/runs/voc32 --variant fcn32s
@@ -9,21 +11,21 @@ Examples:
     python recipes/train_voc.py --dataset sbd --model_dir /work/runs/voc8 --variant fcn8s \\
         --init_from /work/runs/voc16/model.keras --learning_rate 1e-6
 
-Validation always uses VOC (`--val_split`, default "val"; "seg11valid" for the paper's
-split). Writes model_dir/model.keras, checkpoints/, logs/, flags.json and result.json.
+The archives go to tfds' manual directory (--manual_dir, default
+<--data_dir>/downloads/manual); validation uses VOC (--val_split val, or seg11valid for
+the paper's split). Writes model_dir/config.yaml, checkpoints/, logs/, model.keras and
+result.json.
 """
 
-from absl import app, flags
+import sys
 
-from kfcn.training import recipe
+import kfcn.cli
 
-# Hyperparameters (each is a flag of the same name), after the paper's Sec. 4.3:
-# SGD, momentum 0.9, weight decay 5e-4 (L2 on kernels), fixed rate 1e-4 for FCN-VGG16
-# with the loss averaged over pixels, minibatch 20. Images are cropped to 512x512
-# (padded with the mean) so that a batch can hold 20 of them.
+# After the paper's Sec. 4.3: SGD, momentum 0.9, weight decay 5e-4 (L2 on kernels), fixed
+# rate 1e-4 for FCN-VGG16 with the loss averaged over pixels, minibatch 20. Images are
+# cropped to 512x512 (padded with the mean) so that a batch can hold 20 of them.
 DEFAULTS = dict(
     dataset="sbd",
-    data_dir=None,
     val_dataset="voc",
     val_split="val",
     backbone="vgg16",
@@ -42,6 +44,11 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    recipe.define_flags(DEFAULTS, datasets=("voc", "sbd"))
-    flags.adopt_module_key_flags(recipe)  # so that --help lists them
-    app.run(recipe.main)
+    sys.exit(
+        kfcn.cli.main(
+            ["train", *sys.argv[1:]],
+            prog="train_voc.py",
+            defaults=DEFAULTS,
+            choices={"dataset": ("voc", "sbd"), "val_dataset": ("voc",)},
+        )
+    )

@@ -1,7 +1,9 @@
 """Argument types and helpers shared by every `kfcn` subcommand.
 
 One syntax for each kind of value: sizes are "HxW" or "N" (`parse_size`),
-booleans are absl's `--flag`, `--noflag`, `--flag=true|false` (`add_bool`).
+ranges "min,max" (`range_type`), lists "a,b,c" (`names_type`), booleans absl's
+`--flag`, `--noflag`, `--flag=true|false` (`add_bool`). In a `--config` file the
+same values may also be YAML lists (`crop_size: [360, 480]`), as runs write them.
 Nothing here imports TensorFlow or Keras: `kfcn --help` stays fast.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kfcn.cli.errors import UsageError
@@ -18,39 +21,77 @@ _TRUE = ("1", "true", "t", "yes", "y")
 _FALSE = ("0", "false", "f", "no", "n")
 
 
-def parse_size(text: str, flag: str = "size") -> tuple[int, int]:
+def parse_size(text: str | Sequence[int], flag: str = "size") -> tuple[int, int]:
     """Parses "HxW" (e.g. "360x480") or "N" (square) into (height, width).
 
     Args:
-        text: The flag's value.
+        text: The flag's value; a sequence of one or two ints (from a settings
+            file) is accepted too.
         flag: The flag's name, for the error message.
 
     Raises:
         UsageError: naming `--flag` for anything but positive integers in that form.
     """
-    parts = str(text).strip().lower().split("x")
+    parts = list(text) if isinstance(text, (list, tuple)) else str(text).strip().lower().split("x")
     try:
         values = [int(p) for p in parts]
-    except ValueError:
+    except (TypeError, ValueError):
         values = []
     if len(values) == 1:
         values *= 2
     if len(values) != 2 or min(values) < 1:
+        shown = "x".join(str(p) for p in text) if isinstance(text, (list, tuple)) else text
         raise UsageError(
             f"--{flag} must be HxW (e.g. 360x480) or N, with positive integers. "
-            f"Received: --{flag}={text!r}"
+            f"Received: --{flag}={shown!r}"
         )
     return values[0], values[1]
 
 
-def size_type(flag: str):
-    """An argparse `type=` that parses sizes with `parse_size`, naming `--flag`."""
-
-    def parse(text: str) -> tuple[int, int]:
-        return parse_size(text, flag)
-
-    parse.__name__ = "size"
+def _sequence_type(parse: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
+    parse.__name__ = name
+    parse.accepts_sequence = True  # a settings file may hold a YAML list
     return parse
+
+
+def size_type(flag: str) -> Callable[[Any], tuple[int, int]]:
+    """An argparse `type=` that parses sizes with `parse_size`, naming `--flag`."""
+    return _sequence_type(lambda text: parse_size(text, flag), "size")
+
+
+def range_type(flag: str) -> Callable[[Any], tuple[float, float]]:
+    """An argparse `type=` for "min,max" with 0 < min <= max, naming `--flag`."""
+
+    def parse(text: Any) -> tuple[float, float]:
+        parts = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
+        try:
+            low, high = (float(p) for p in parts)
+        except (TypeError, ValueError):
+            low = high = float("nan")
+        if not 0 < low <= high:
+            raise UsageError(
+                f"--{flag} must be 'min,max' with 0 < min <= max (e.g. 0.5,2.0). "
+                f"Received: --{flag}={text!r}"
+            )
+        return low, high
+
+    return _sequence_type(parse, "range")
+
+
+def names_type(flag: str) -> Callable[[Any], tuple[str, ...]]:
+    """An argparse `type=` for a comma-separated list of names, naming `--flag`."""
+
+    def parse(text: Any) -> tuple[str, ...]:
+        parts = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
+        names = tuple(str(p).strip() for p in parts)
+        if not names or not all(names):
+            raise UsageError(
+                f"--{flag} must be comma-separated non-empty names (e.g. sky,road,car). "
+                f"Received: --{flag}={text!r}"
+            )
+        return names
+
+    return _sequence_type(parse, "names")
 
 
 def parse_bool(text: str | bool, flag: str = "flag") -> bool:
@@ -80,7 +121,7 @@ def add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: st
         default=default,
         type=parse,
         metavar="BOOL",
-        help=f"{help} (default: {str(default).lower()}; --no{name} to disable)",
+        help=f"{help} (default: %(default)s; --no{name} to disable)",
     )
     group.add_argument(f"--no{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
 
@@ -137,7 +178,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
     if not path:
         return args
     values = read_settings_file(path)
-    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    known: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest not in ("help", "config"):
+            known.setdefault(action.dest, action)  # the flag itself, not its --no twin
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UsageError(
@@ -147,18 +191,15 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
     converted = {}
     for name, value in values.items():
         action = known[name]
-        if value is not None and action.type is not None and isinstance(value, str):
+        sequence = isinstance(value, (list, tuple))
+        if action.type is not None and (
+            isinstance(value, str) or (sequence and getattr(action.type, "accepts_sequence", 0))
+        ):
             value = action.type(value)
-        elif value is not None and action.type is not None and name in _size_dests(parser):
-            value = action.type("x".join(str(v) for v in value))
         if action.choices is not None and value is not None and value not in action.choices:
             raise UsageError(
-                f"--config: {path!r} sets {name}={value!r}; allowed: {sorted(action.choices)}"
+                f"--config: {path!r} sets {name}={value!r}; allowed: {', '.join(action.choices)}"
             )
         converted[name] = value
     parser.set_defaults(**converted)
     return parser.parse_args(argv)
-
-
-def _size_dests(parser: argparse.ArgumentParser) -> set[str]:
-    return {a.dest for a in parser._actions if getattr(a.type, "__name__", "") == "size"}
