@@ -1,7 +1,8 @@
 """Deployment exports of kfcn models: SavedModel, TF Serving, TFLite (GPU delegate).
 
 Modules:
-    artifacts: model loading/checks, input sizes, atomic writes shared by exporters.
+    artifacts: model loading and checks, input sizes, shared by the exporters.
+    onnx: ONNX file (tf2onnx) with dynamic height and width, onnxruntime parity.
     saved_model: SavedModel with `serving_default` (uint8 images) and
         `serving_bytes` (encoded JPEG/PNG) signatures.
     serving: TF Serving model directory (versioned, atomic), warmup records,
@@ -30,9 +31,10 @@ _LAZY_ATTRS = {
     "check_gpu_compatibility": "kfcn.export.gpu_compat",
     "check_builtin_static": "kfcn.export.gpu_compat",
     "load_segmentation_model": "kfcn.export.artifacts",
-    "parse_input_size": "kfcn.export.artifacts",
+    "check_input_size": "kfcn.export.artifacts",
+    "export_onnx": "kfcn.export.onnx",
 }
-_SUBMODULES = ("artifacts", "client", "gpu_compat", "saved_model", "serving", "tflite")
+_SUBMODULES = ("artifacts", "client", "gpu_compat", "onnx", "saved_model", "serving", "tflite")
 
 __all__ = sorted(_LAZY_ATTRS) + list(_SUBMODULES)
 

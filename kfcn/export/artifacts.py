@@ -1,59 +1,63 @@
-"""What every exporter shares: loading and checking the model, sizes, atomic writes.
+"""What every exporter shares: loading and checking the model, input sizes.
 
-Artifacts are built under a temporary name beside their destination and renamed
-into place only when complete, so a reader (a model server polling a directory,
-a build step picking up a file) never sees a half-written one, and a failed or
-killed export leaves nothing at the destination.
+Artifacts are written through `kfcn.files` (the one atomic writer): built under a
+temporary name beside their destination and renamed into place only when
+complete, so a reader (a model server polling a directory, a build step picking
+up a file) never sees a half-written one, and a failed or killed export leaves
+nothing at the destination.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
-import shutil
 import zipfile
-from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
 
-def parse_input_size(size: str | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Parses an image size given as "HxW" (e.g. "512x512") or (H, W).
+def check_input_size(
+    size: tuple[int, int] | list[int], name: str = "input_size"
+) -> tuple[int, int]:
+    """Checks an image size given as (height, width) and returns it as ints.
+
+    Text such as "512x512" is the command line's business: `kfcn.cli.args.parse_size`
+    is the one parser. For callers of the earlier API an "HxW" string is still
+    accepted and handed to that parser (the bare "N" form is refused here, as it
+    was: a library call should say both sides).
 
     Args:
-        size: "HxW" string or a pair of positive integers.
+        size: (height, width), positive integers.
+        name: The argument's name, for the error message.
 
     Returns:
         (height, width).
 
     Raises:
-        ValueError: If the size is malformed or not positive.
+        ValueError: If the size is not two positive integers.
     """
     if isinstance(size, str):
-        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
-        if not match:
-            raise ValueError(
-                f"`input_size` must be 'HxW' with positive integers, e.g. '512x512'. "
-                f"Received: input_size={size!r}"
-            )
-        height, width = int(match.group(1)), int(match.group(2))
-    else:
-        try:
-            height, width = (int(v) for v in size)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"`input_size` must be 'HxW' or (height, width). Received: input_size={size!r}"
-            ) from None
-    if height < 1 or width < 1:
+        from kfcn.cli.args import parse_size
+
+        if "x" not in size.lower():
+            raise ValueError(f"`{name}` must be (height, width). Received: {name}={size!r}")
+        return parse_size(size, name)
+    try:
+        height, width = (int(v) for v in size)
+    except (TypeError, ValueError):
         raise ValueError(
-            f"`input_size` must have height and width >= 1. Received: input_size={size!r}"
-        )
+            f"`{name}` must be (height, width), two positive integers. Received: {name}={size!r}"
+        ) from None
+    if height < 1 or width < 1 or (height, width) != tuple(size):
+        raise ValueError(f"`{name}` must be two positive integers. Received: {name}={size!r}")
     return height, width
 
 
-def check_segmentation_model(model, source: str = "model") -> int:
+# Deprecated name of `check_input_size` (bench/ scripts still call it).
+parse_input_size = check_input_size
+
+
+def check_segmentation_model(model, source: str = "model", require_kfcn: bool = True) -> int:
     """Checks that a Keras model follows the kfcn contract.
 
     The contract (kfcn.build_fcn): one input of RGB images (batch, H, W, 3) with any
@@ -62,6 +66,8 @@ def check_segmentation_model(model, source: str = "model") -> int:
     Args:
         model: A keras.Model.
         source: Where the model came from, for error messages.
+        require_kfcn: Also require kfcn layers (the exporters rely on the model
+            carrying its preprocessing); False accepts any model of that shape.
 
     Returns:
         The number of classes.
@@ -95,7 +101,7 @@ def check_segmentation_model(model, source: str = "model") -> int:
         for layer in model.layers
         if (keras.saving.get_registered_name(type(layer)) or "").startswith("kfcn>")
     ]
-    if not kfcn_layers:
+    if require_kfcn and not kfcn_layers:
         raise ValueError(
             f"{source} is not a kfcn model: it has no kfcn layers (kfcn models carry their "
             "preprocessing as a kfcn>Preprocess layer). Build it with kfcn.build_fcn()."
@@ -103,11 +109,12 @@ def check_segmentation_model(model, source: str = "model") -> int:
     return int(out_shape[-1])
 
 
-def load_segmentation_model(path: str | os.PathLike):
-    """Loads a .keras file and checks that it holds a kfcn segmentation model.
+def load_segmentation_model(path: str | os.PathLike, require_kfcn: bool = True):
+    """Loads a .keras file with `kfcn.load_model` and checks it is a segmentation model.
 
     Args:
         path: A .keras file written by `model.save()`.
+        require_kfcn: See `check_segmentation_model`.
 
     Returns:
         The keras.Model.
@@ -130,83 +137,5 @@ def load_segmentation_model(path: str | os.PathLike):
         model = load_model(path, compile=False)
     except Exception as err:  # keras raises many types for a foreign archive
         raise ValueError(f"Could not load `model` {path!r} as a Keras model: {err}") from err
-    check_segmentation_model(model, source=f"`model` {path!r}")
+    check_segmentation_model(model, source=f"`model` {path!r}", require_kfcn=require_kfcn)
     return model
-
-
-def _temp_sibling(final_path: str, tag: str) -> str:
-    parent, name = os.path.split(os.path.abspath(final_path))
-    return os.path.join(parent, f".{name}.{tag}-{os.getpid()}")
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def replace_path(tmp_path: str, final_path: str, overwrite: bool) -> None:
-    """Renames a finished artifact into place.
-
-    Without `overwrite`, an existing `final_path` is an error (checked again here,
-    as another process may have written it meanwhile). With `overwrite`, the old
-    artifact is first renamed aside and deleted after the new one is in place, so
-    `final_path` is always either the complete old or the complete new artifact
-    (apart from the instant between the two renames).
-
-    Raises:
-        FileExistsError: If `final_path` exists and `overwrite` is False.
-    """
-    if os.path.lexists(final_path):
-        if not overwrite:
-            raise FileExistsError(
-                f"Output {final_path!r} already exists; pass overwrite=True (--overwrite) "
-                "to replace it"
-            )
-        old = _temp_sibling(final_path, "old")
-        os.rename(final_path, old)
-        os.rename(tmp_path, final_path)
-        _remove(old)
-    else:
-        os.rename(tmp_path, final_path)
-
-
-@contextlib.contextmanager
-def atomic_output(
-    final_path: str | os.PathLike, overwrite: bool = False, is_dir: bool = True
-) -> Iterator[str]:
-    """Yields a temporary path to build an artifact in; renames it on success.
-
-    Args:
-        final_path: Where the artifact goes.
-        overwrite: Replace an existing artifact instead of failing.
-        is_dir: Whether the artifact is a directory (created empty) or a file.
-
-    Yields:
-        The temporary path, in the same directory as `final_path` (so the final
-        rename is atomic on POSIX file systems).
-
-    Raises:
-        FileExistsError: If `final_path` exists and `overwrite` is False (checked
-            before any work is done).
-        FileNotFoundError: If the parent directory of `final_path` does not exist.
-    """
-    final_path = os.path.abspath(os.fspath(final_path))
-    if os.path.lexists(final_path) and not overwrite:
-        raise FileExistsError(
-            f"Output {final_path!r} already exists; pass overwrite=True (--overwrite) to replace it"
-        )
-    parent = os.path.dirname(final_path)
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"Output directory {parent!r} does not exist")
-    tmp = _temp_sibling(final_path, "tmp")
-    _remove(tmp)
-    if is_dir:
-        os.makedirs(tmp)
-    try:
-        yield tmp
-        replace_path(tmp, final_path, overwrite)
-    except BaseException:
-        _remove(tmp)
-        raise

@@ -32,7 +32,8 @@ from __future__ import annotations
 import logging
 import os
 
-from kfcn.export.artifacts import atomic_output, check_segmentation_model
+from kfcn.export.artifacts import check_segmentation_model
+from kfcn.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ def export_saved_model(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
     verify: bool = True,
+    class_info=None,
 ) -> str:
     """Exports a kfcn model as a SavedModel with `images` and `image_bytes` signatures.
 
@@ -299,6 +301,8 @@ def export_saved_model(
         max_pixels: Largest height*width a request may send per image.
         overwrite: Replace an existing `export_dir`.
         verify: Reload the export and run both signatures before publishing it.
+        class_info: A `kfcn.metadata.ClassInfo` to store in the SavedModel's
+            assets.extra (written before the directory is published).
 
     Returns:
         The absolute path of the SavedModel directory.
@@ -309,11 +313,15 @@ def export_saved_model(
     """
     check_segmentation_model(model)
     export_dir = os.path.abspath(os.fspath(export_dir))
-    with atomic_output(export_dir, overwrite=overwrite) as tmp:
+    with atomic_output(export_dir, overwrite=overwrite, is_dir=True) as tmp:
         write_saved_model(
             model, tmp, include_probabilities=include_probabilities, max_pixels=max_pixels
         )
         if verify:
             verify_saved_model(tmp, include_probabilities)
+        if class_info is not None:
+            from kfcn.metadata import write_class_info
+
+            write_class_info(class_info, tmp)
     logger.info("Wrote SavedModel %s", export_dir)
     return export_dir

@@ -34,7 +34,8 @@ import re
 import shutil
 
 from kfcn.export import saved_model as saved_model_lib
-from kfcn.export.artifacts import check_segmentation_model, replace_path
+from kfcn.export.artifacts import check_segmentation_model
+from kfcn.files import replace_path, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -213,13 +214,6 @@ def replay_warmup_requests(version_dir: str | os.PathLike) -> int:
     return count
 
 
-def _write_text_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_model_server_config(
     config_path: str | os.PathLike,
     model_name: str,
@@ -264,7 +258,7 @@ def write_model_server_config(
     if len(served) > 1:
         entry.version_labels["previous"] = served[-2]
     text = text_format.MessageToString(server_config)
-    _write_text_atomically(config_path, text)
+    write_text_atomically(text, config_path)
     return text
 
 
@@ -342,7 +336,7 @@ def write_batching_parameters(
     # proto3 leaves false booleans out; state the choice explicitly.
     if "pad_variable_length_inputs" not in text:
         text += "pad_variable_length_inputs: false\n"
-    _write_text_atomically(os.fspath(path), text)
+    write_text_atomically(text, path)
     return text
 
 
@@ -359,6 +353,7 @@ def export_for_serving(
     write_configs: bool = True,
     config_model_base_path: str | None = None,
     verify: bool = True,
+    class_info=None,
 ) -> ServingExport:
     """Exports a kfcn model as one version of a TensorFlow Serving model.
 
@@ -377,6 +372,8 @@ def export_for_serving(
             models.config; default: the absolute local path.
         verify: Reload the SavedModel, run both signatures and replay the warmup
             requests before publishing the version.
+        class_info: A `kfcn.metadata.ClassInfo` to store in the version's
+            assets.extra (written before the version is published).
 
     Returns:
         A `ServingExport` with the paths written.
@@ -421,6 +418,10 @@ def export_for_serving(
             saved_model_lib.verify_saved_model(tmp, include_probabilities)
             if warmup_sizes:
                 replay_warmup_requests(tmp)
+        if class_info is not None:
+            from kfcn.metadata import write_class_info
+
+            write_class_info(class_info, tmp)
         replace_path(tmp, version_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

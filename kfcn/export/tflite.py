@@ -28,7 +28,8 @@ import os
 import numpy as np
 
 from kfcn.export import gpu_compat
-from kfcn.export.artifacts import atomic_output, check_segmentation_model, parse_input_size
+from kfcn.export.artifacts import check_input_size, check_segmentation_model
+from kfcn.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def rebuild_static(model, input_size: tuple[int, int]):
         ValueError: If the architecture cannot take that size.
     """
     num_classes = check_segmentation_model(model)
-    height, width = parse_input_size(input_size)
+    height, width = check_input_size(input_size)
     config = model.get_config()
     inputs = [layer for layer in config.get("layers", []) if layer["class_name"] == "InputLayer"]
     if len(inputs) != 1:
@@ -226,7 +227,7 @@ def convert(
 def export_tflite(
     model,
     output_path: str | os.PathLike,
-    input_size: str | tuple[int, int],
+    input_size: tuple[int, int],
     *,
     quantization: str = "none",
     representative_data: str | os.PathLike | None = None,
@@ -234,13 +235,14 @@ def export_tflite(
     with_argmax: bool = False,
     gpu_check: str = "error",
     overwrite: bool = False,
+    class_info=None,
 ) -> TFLiteExport:
     """Exports a kfcn model to a .tflite file at a fixed input size.
 
     Args:
         model: A kfcn segmentation keras.Model.
         output_path: The .tflite file to write; must not exist unless `overwrite`.
-        input_size: "HxW" or (height, width) of the fixed input.
+        input_size: (height, width) of the fixed input.
         quantization: "none", "float16" or "int8".
         representative_data: Directory of JPEG/PNG images (required for "int8").
         num_calibration_images: Images used for int8 calibration.
@@ -249,6 +251,8 @@ def export_tflite(
         gpu_check: "error" fails the export if the GPU delegate cannot run every op,
             "warn" logs the issues, "off" skips the check.
         overwrite: Replace an existing `output_path`.
+        class_info: A `kfcn.metadata.ClassInfo` to store as the file's
+            "kfcn_classes" metadata (before the file is renamed into place).
 
     Returns:
         A `TFLiteExport` with the path, size and check reports.
@@ -266,7 +270,7 @@ def export_tflite(
         raise ValueError(
             f"`gpu_check` must be one of {GPU_CHECK_MODES}. Received: gpu_check={gpu_check!r}"
         )
-    size = parse_input_size(input_size)
+    size = check_input_size(input_size)
     output_path = os.path.abspath(os.fspath(output_path))
     if os.path.lexists(output_path) and not overwrite:
         raise FileExistsError(
@@ -307,10 +311,15 @@ def export_tflite(
     with atomic_output(output_path, overwrite=overwrite, is_dir=False) as tmp:
         with open(tmp, "wb") as f:
             f.write(flatbuffer)
-    logger.info("Wrote %s (%d bytes, %s)", output_path, len(flatbuffer), quantization)
+        if class_info is not None:
+            from kfcn.metadata import write_class_info
+
+            write_class_info(class_info, tmp)
+    size_bytes = os.path.getsize(output_path)
+    logger.info("Wrote %s (%d bytes, %s)", output_path, size_bytes, quantization)
     return TFLiteExport(
         path=output_path,
-        size_bytes=len(flatbuffer),
+        size_bytes=size_bytes,
         input_size=size,
         quantization=quantization,
         static_report=static_report,

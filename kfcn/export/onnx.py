@@ -1,0 +1,260 @@
+"""ONNX export with tf2onnx, checked against the Keras model with onnxruntime.
+
+The file takes `images`, float32 [batch, height, width, 3] 0..255 RGB (any height
+and width, unless a fixed `input_size` is asked for), and returns `logits`,
+float32 [batch, height, width, num_classes]; the argmax is the caller's.
+
+Why the graph pads its input itself: kfcn models pad images to a multiple of 32
+with `(-size) % 32` (`kfcn.layers.PadToMultiple`). tf2onnx lowers an integer
+FloorMod to `a - Div(a, b) * b`, and ONNX Runtime's integer Div truncates toward
+zero, so for a negative `a` the pad comes out negative (tf2onnx issue #2174): a
+45x77 image gave 39x71 logits. The exported function therefore pads the image
+to the model's multiple with non-negative arithmetic (where truncation and floor
+agree), with the model's own padding colour, and crops the logits back. The
+model then sees exactly the image it would have padded itself, so the logits
+are the Keras model's.
+
+Example:
+    >>> result = export_onnx(model, "fcn8s.onnx")
+    >>> session = onnxruntime.InferenceSession("fcn8s.onnx")
+    >>> logits = session.run(["logits"], {"images": images})[0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+
+import numpy as np
+
+from kfcn.export.artifacts import check_input_size, check_segmentation_model
+from kfcn.files import atomic_output
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+#: Metadata property holding the class info JSON (as kfcn.metadata's other formats).
+METADATA_KEY = "kfcn_classes"
+
+
+@dataclasses.dataclass(frozen=True)
+class ONNXExport:
+    """Result of `export_onnx`.
+
+    Attributes:
+        path: The .onnx file.
+        size_bytes: Its size.
+        opset: The ONNX opset.
+        input_size: (height, width) if fixed, else None (any size).
+        max_abs_error: Largest |onnxruntime - Keras| logit difference found by the
+            check, or None if not checked.
+    """
+
+    path: str
+    size_bytes: int
+    opset: int
+    input_size: tuple[int, int] | None
+    max_abs_error: float | None
+
+
+def _padding_of(model) -> tuple[int, tuple[float, float, float]]:
+    """The multiple and colour the model pads its input with (1 and zeros if none)."""
+    from kfcn.layers import PadToMultiple
+
+    pads = [layer for layer in model.layers if isinstance(layer, PadToMultiple)]
+    if not pads:
+        return 1, (0.0, 0.0, 0.0)
+    multiple = math.lcm(*(layer.multiple for layer in pads))
+    return multiple, tuple(pads[0].value)
+
+
+def onnx_function(model, input_size: tuple[int, int] | None = None):
+    """The tf.function that is converted: pad to the model's multiple, run, crop.
+
+    Args:
+        model: A kfcn segmentation keras.Model.
+        input_size: Fixed (height, width), or None for any size.
+
+    Returns:
+        A tf.function of `images` returning {"logits": ...}.
+    """
+    import tensorflow as tf
+
+    multiple, value = _padding_of(model)
+    shape = [None, None, None, 3] if input_size is None else [1, *input_size, 3]
+    spec = tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def serve(images):
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        # Non-negative operands only: see the module docstring.
+        pad_h = (multiple - height % multiple) % multiple
+        pad_w = (multiple - width % multiple) % multiple
+        paddings = [[0, 0], [0, pad_h], [0, pad_w], [0, 0]]
+        outside = 1.0 - tf.pad(tf.ones_like(images[..., :1]), paddings)
+        colour = tf.constant(value, tf.float32)  # made inside: tf2onnx would see a capture
+        padded = tf.pad(images, paddings) + outside * colour  # image pixels stay exact
+        logits = tf.cast(model(padded, training=False), tf.float32)
+        return {OUTPUT_NAME: logits[:, :height, :width, :]}
+
+    return serve
+
+
+def _rename_output(model_proto, old: str, new: str) -> None:
+    for node in model_proto.graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+        node.input[:] = [new if name == old else name for name in node.input]
+    for output in model_proto.graph.output:
+        if output.name == old:
+            output.name = new
+
+
+def convert(model, input_size: tuple[int, int] | None = None, opset: int = DEFAULT_OPSET):
+    """Converts a kfcn model to an ONNX ModelProto with tf2onnx.
+
+    Raises:
+        ImportError: If tf2onnx is not installed (`pip install kfcn[onnx]`).
+    """
+    try:
+        import tf2onnx
+    except ImportError as err:
+        raise ImportError(
+            "ONNX export needs tf2onnx and onnx: pip install 'kfcn[onnx]' "
+            "(or pip install tf2onnx onnxruntime)"
+        ) from err
+    function = onnx_function(model, input_size)
+    concrete = function.get_concrete_function()
+    model_proto, _ = tf2onnx.convert.from_function(
+        function, input_signature=function.input_signature, opset=int(opset)
+    )
+    (output,) = [t.name for t in concrete.outputs]
+    _rename_output(model_proto, output, OUTPUT_NAME)
+    return model_proto
+
+
+def onnx_logits(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
+    """Runs float32 images [b, H, W, 3] through an exported file with onnxruntime."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray(images, np.float32)})[0]
+
+
+def check_against_keras(
+    model, path: str | os.PathLike, input_size: tuple[int, int] | None, seed: int = 0
+) -> float:
+    """Largest |onnxruntime - Keras| logit difference on random images.
+
+    Two sizes are tried when the file takes any size (one not a multiple of 32),
+    the fixed size otherwise.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = [input_size] if input_size else [(45, 77), (64, 96)]
+    error = 0.0
+    for height, width in sizes:
+        batch = 1 if input_size else 2
+        images = rng.uniform(0, 255, (batch, height, width, 3)).astype(np.float32)
+        reference = np.asarray(model(images, training=False), np.float32)
+        ours = onnx_logits(path, images)
+        if ours.shape != reference.shape:
+            raise RuntimeError(
+                f"The ONNX file returns logits of shape {ours.shape} for images of shape "
+                f"{images.shape}; Keras returns {reference.shape}"
+            )
+        error = max(error, float(np.max(np.abs(ours - reference))))
+    return error
+
+
+def export_onnx(
+    model,
+    output_path: str | os.PathLike,
+    *,
+    input_size: tuple[int, int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    tolerance: float = 1e-3,
+    overwrite: bool = False,
+    class_info=None,
+) -> ONNXExport:
+    """Exports a kfcn model to an ONNX file.
+
+    Args:
+        model: A kfcn segmentation keras.Model.
+        output_path: The .onnx file to write; must not exist unless `overwrite`.
+        input_size: Fixed (height, width) with batch 1, or None for any size.
+        opset: ONNX opset to target.
+        verify: Run the file with onnxruntime on random images and compare its
+            logits with the Keras model's before writing it (needs onnxruntime).
+        tolerance: Largest absolute logit difference `verify` accepts, relative to
+            the largest logit magnitude (or absolute when that is below 1).
+        overwrite: Replace an existing `output_path`.
+        class_info: A `kfcn.metadata.ClassInfo`, stored as the model's metadata
+            property "kfcn_classes" (its JSON document; `read_onnx_class_info`).
+
+    Returns:
+        An `ONNXExport` with the path, size and the check's error.
+
+    Raises:
+        ValueError: For a bad model or size, or if `verify` finds a disagreement.
+        FileExistsError: If `output_path` exists and `overwrite` is False.
+        ImportError: If tf2onnx (or, with `verify`, onnxruntime) is missing.
+    """
+    check_segmentation_model(model)
+    size = None if input_size is None else check_input_size(input_size)
+    output_path = os.path.abspath(os.fspath(output_path))
+    if os.path.lexists(output_path) and not overwrite:
+        raise FileExistsError(
+            f"Output {output_path!r} already exists; pass overwrite=True (--overwrite) to "
+            "replace it"
+        )
+    if verify:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                "Checking the ONNX file needs onnxruntime: pip install onnxruntime "
+                "(or export with verify=False / --noverify)"
+            ) from err
+    model_proto = convert(model, size, opset)
+    if class_info is not None:
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(class_info.to_dict())
+    error = None
+    with atomic_output(output_path, overwrite=overwrite, suffix=".onnx") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(model_proto.SerializeToString())
+        if verify:
+            error = check_against_keras(model, tmp, size)
+            scale = max(1.0, _logit_scale(model, size))
+            if error > tolerance * scale:
+                raise ValueError(
+                    f"The ONNX file's logits differ from the Keras model's by up to {error:.3g} "
+                    f"(tolerance {tolerance * scale:.3g}); not writing {output_path!r}"
+                )
+    size_bytes = os.path.getsize(output_path)
+    logger.info("Wrote %s (%d bytes, opset %d)", output_path, size_bytes, opset)
+    return ONNXExport(output_path, size_bytes, int(opset), size, error)
+
+
+def _logit_scale(model, input_size: tuple[int, int] | None) -> float:
+    height, width = input_size or (45, 77)
+    images = np.random.default_rng(1).uniform(0, 255, (1, height, width, 3)).astype(np.float32)
+    return float(np.max(np.abs(np.asarray(model(images, training=False)))))
+
+
+def read_onnx_class_info(path: str | os.PathLike):
+    """The `kfcn.metadata.ClassInfo` an exported .onnx file carries, or None."""
+    import onnx
+
+    from kfcn.metadata import ClassInfo
+
+    model_proto = onnx.load(os.fspath(path), load_external_data=False)
+    for entry in model_proto.metadata_props:
+        if entry.key == METADATA_KEY:
+            return ClassInfo.from_dict(json.loads(entry.value))
+    return None
