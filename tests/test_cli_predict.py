@@ -236,11 +236,14 @@ def test_tile_scores_in_process(setup, kind):
     else:  # probabilities averaged instead of logits
         assert _agreement(ours.argmax(-1), slide.argmax(-1)) >= AGREEMENT
     odd = setup["decoded"]["odd_png"]  # 45x61: the model pads it to 64x64 itself
-    one_window = predict.image_scores(predictor, odd, tile=(64, 64))
     whole = predictor.scores(odd[None].astype(np.float32))[0]
-    # The SavedModel takes uint8: its padding is the mean colour rounded.
-    np.testing.assert_allclose(one_window, whole, atol=1e-4 if kind == "keras" else 2e-3)
-    assert _agreement(one_window.argmax(-1), whole.argmax(-1)) >= AGREEMENT
+    for one_window in (
+        predict.image_scores(predictor, odd, tile=(64, 64)),  # Keras: predict_slide
+        predict.tile_scores(predictor.scores, odd, (64, 64)),
+    ):
+        # The SavedModel takes uint8: its padding is the mean colour rounded.
+        np.testing.assert_allclose(one_window, whole, atol=1e-4 if kind == "keras" else 2e-3)
+        assert _agreement(one_window.argmax(-1), whole.argmax(-1)) >= AGREEMENT
 
 
 def test_same_names_from_two_folders_are_both_kept(setup, tmp_path):
