@@ -123,7 +123,7 @@ def test_train_split_defaults_per_dataset():
     assert TrainConfig("m", dataset="sbd", train_split="train").resolved_train_split == "train"
 
 
-def test_folder_dataset_arguments():
+def test_folder_dataset_arguments(tmp_path):
     config = TrainConfig(
         "m",
         dataset="folder",
@@ -143,6 +143,10 @@ def test_folder_dataset_arguments():
     assert config.has_validation
     assert not TrainConfig("m", dataset="folder", num_classes=2, list_file="t").has_validation
     assert not TrainConfig("m", val_split=None).has_validation
+    folder = dict(dataset="folder", num_classes=2, data_dir=str(tmp_path))
+    assert not TrainConfig("m", **folder).has_validation  # no val.txt: no validation
+    (tmp_path / "val.txt").write_text("a.png a_mask.png\n")
+    assert TrainConfig("m", **folder).has_validation
     assert TrainConfig("m", manual_dir="/d").dataset_kwargs() == {"manual_dir": "/d"}
 
 

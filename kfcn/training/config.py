@@ -9,6 +9,7 @@ TensorFlow nor Keras.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from kfcn.training.schedules import SCHEDULES
@@ -146,11 +147,13 @@ class TrainConfig:
 
     @property
     def has_validation(self) -> bool:
-        """Whether the run validates: a split is named and, for a folder, a list exists."""
+        """Whether the run validates: a split is named and, for a folder, its list exists."""
         if not self.val_split:
             return False
-        if self.resolved_val_dataset == "folder":
-            return bool(self.val_list_file or self.data_dir)
+        if self.resolved_val_dataset == "folder" and not self.val_list_file:
+            return bool(self.data_dir) and os.path.isfile(
+                os.path.join(self.data_dir, f"{self.val_split}.txt")
+            )
         return True
 
     def validate(self) -> None:

@@ -64,12 +64,12 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
     run = RunDirectory(config.model_dir, is_chief=worker.is_chief)
     config = run.settle_seed(config)
     inputs = Inputs(config, strategy.num_replicas_in_sync)
-    run.record_settings(config)
     run_facts = inputs.facts(strategy, worker.num_workers)
     if run.is_complete(inputs.total_steps):
         return _already_complete(run, inputs.total_steps, run_facts)
 
     model, optimizer = _model_and_optimizer(config, strategy, inputs, loss_scaling, model_fn)
+    run.record_settings(config)
     trained = loop.train(
         strategy=strategy,
         model=model,
@@ -173,7 +173,9 @@ class Inputs:
                 ),
             )
         self.class_info = _class_info(config.dataset, self.info)
-        if not config.has_validation:
+        if config.has_validation:
+            self.eval_dataset(1, 0)  # checks the validation files now, not after training
+        else:
             logger.info("No validation: no val_split, or no validation list for the folder")
         logger.info(
             "Training %s %s on %s/%s: %d examples, %d steps/epoch, %d steps, global batch %d "
