@@ -170,6 +170,12 @@ def parse_warmup_sizes(text: str) -> list[tuple[int, int]]:
     return [parse_size(part, "warmup_sizes") for part in text.split(",") if part.strip()]
 
 
+def check_model_path(path: str, flag: str = "model") -> None:
+    """Raises UsageError naming `--flag` if `path` does not exist (before any slow work)."""
+    if not os.path.exists(path):
+        raise UsageError(f"--{flag}: {path!r} does not exist; give a .keras file saved by kfcn.")
+
+
 def load_model_flag(path: str, flag: str = "model", require_kfcn: bool = True) -> Any:
     """Loads `--model` with `kfcn.load_model` and checks it is a segmentation model.
 
@@ -177,8 +183,7 @@ def load_model_flag(path: str, flag: str = "model", require_kfcn: bool = True) -
         UsageError: `path` does not exist.
         CommandError: it is not a (kfcn) segmentation model.
     """
-    if not os.path.exists(path):
-        raise UsageError(f"--{flag}: {path!r} does not exist; give a .keras file saved by kfcn.")
+    check_model_path(path, flag)
     from kfcn.export.artifacts import load_segmentation_model
 
     try:
