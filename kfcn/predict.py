@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from kfcn import metadata, visualize
+from kfcn.data.images import read_image
 from kfcn.files import atomic_output, write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _folder_images(folder: str, exclude: str | None) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
-        if exclude and os.path.realpath(root).startswith(exclude):
+        if exclude and (os.path.realpath(root) + os.sep).startswith(exclude):
             dirs[:] = []
             continue
         found += [
@@ -171,30 +172,6 @@ def find_images(inputs: Sequence[str], exclude_dir: str | None = None) -> list[I
     if not images:
         raise InputError("no INPUT given")
     return images
-
-
-def read_image(path: str) -> np.ndarray:
-    """Reads an image file as uint8 RGB [H, W, 3] (pixels as stored: no EXIF rotation).
-
-    Grayscale, palette and RGBA images are converted to RGB (alpha dropped).
-
-    Raises:
-        ValueError: If the file cannot be decoded, naming it.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(
-            f"{path}: cannot decode the image ({' '.join(str(error).split())})"
-        ) from error
-    array = np.asarray(rgb, np.uint8)
-    if array.size == 0:
-        raise ValueError(f"{path}: the image has no pixels")
-    return array
 
 
 def _image_size(path: str) -> tuple[int, int] | None:
@@ -541,7 +518,7 @@ def iter_predictions(
             for item in chunk:
                 try:
                     array = read_image(item.path)
-                except ValueError as error:
+                except ValueError as error:  # kfcn.data.DataError names the file
                     yield Prediction(item, error=str(error))
                     continue
                 if array.shape[:2] != size:  # header and pixels disagree: predict alone

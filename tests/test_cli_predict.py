@@ -196,23 +196,23 @@ def test_predict_tflite_fixed_size(setup, tmp_path):
     assert _agreement(maps["tall_jpg"], np.asarray(slide).argmax(-1)) >= AGREEMENT
 
 
-def test_tile_matches_predict_slide(setup, tmp_path):
+def test_tile_matches_predict_slide_and_undecodable_images_are_skipped(setup, tmp_path):
+    """--tile against predict_slide; a broken file among the inputs is skipped and named
+    (one subprocess for both, to keep the suite short)."""
     from kfcn.evaluation import predict_slide
 
-    images = setup["images"]
-    result = run_kfcn(
-        "--model",
-        setup["paths"]["keras"],
-        "--output_dir",
-        tmp_path,
-        "--tile",
-        "32x40",
-        "--tile_stride",
-        "16x24",
-        images / "tall_jpg.jpg",
-    )
-    assert result.returncode == 0, result.stderr
-    with Image.open(tmp_path / "tall_jpg.png") as png:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    tall = setup["images"] / "tall_jpg.jpg"
+    args = ["--tile", "32x40", "--tile_stride", "16x24", tall, bad]
+    result = run_kfcn("--model", setup["paths"]["keras"], "--output_dir", out, *args)
+    _one_error_line(result, 1, "1 of 2 images", "broken.png")
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["images"]) == ["tall_jpg"] and summary["tile"] == [32, 40]
+    assert summary["failed"][0]["input"] == str(bad)
+    assert not (out / "broken.png").exists()
+    with Image.open(out / "tall_jpg.png") as png:
         class_map = np.asarray(png)
     slide = predict_slide(setup["model"], setup["decoded"]["tall_jpg"], (32, 40), (16, 24))
     assert _agreement(class_map, np.asarray(slide).argmax(-1)) >= AGREEMENT
@@ -246,7 +246,7 @@ def test_tile_scores_in_process(setup, kind):
         assert _agreement(one_window.argmax(-1), whole.argmax(-1)) >= AGREEMENT
 
 
-def test_same_names_from_two_folders_are_both_kept(setup, tmp_path):
+def test_same_names_from_two_folders_are_both_kept(tmp_path):
     from kfcn import predict
 
     (tmp_path / "a").mkdir()
@@ -267,12 +267,20 @@ def test_same_names_from_two_folders_are_both_kept(setup, tmp_path):
         ("b/x.png", "x_2"),
         ("a/x.jpg", "x_3"),
     ]
+    # Subfolders keep their path in the name; the output directory is not searched.
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "a" / "out").mkdir()
+    Image.fromarray(_scene(8, 8, 0)).save(tmp_path / "a" / "sub" / "y.png")
+    Image.fromarray(_scene(8, 8, 0)).save(tmp_path / "a" / "out" / "x.png")
+    found = predict.find_images([str(tmp_path / "a")], exclude_dir=str(tmp_path / "a" / "out"))
+    assert [i.name for i in found] == ["x", "x_2", "sub/y"]  # x.jpg, x.png, sub/y.png
 
 
 def _one_error_line(result, code: int, *needles: str) -> None:
     assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    # TensorFlow's C++ start-up lines (absl "I0000 ...", "E0000 ... cuInit") may precede it.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kfcn predict:")]
     assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
     assert errors[0].startswith("kfcn predict: error: ")
     for needle in needles:
@@ -349,20 +357,14 @@ def test_errors_before_any_work(setup, tmp_path):
         _one_error_line(run_kfcn(*args), code, *needles)
 
 
-def test_undecodable_image_is_skipped_and_named(setup, tmp_path):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    out = tmp_path / "out"
+def test_a_keras_model_that_is_not_kfcn(tmp_path):
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    plain = keras.Model(inputs, keras.layers.Conv2D(2, 1)(inputs))
+    plain.save(tmp_path / "plain.keras")
+    Image.fromarray(_scene(8, 8, 0)).save(tmp_path / "x.png")
     result = run_kfcn(
-        "--model",
-        setup["paths"]["tflite"],
-        "--output_dir",
-        out,
-        setup["images"] / "odd_png.png",
-        bad,
+        "--model", tmp_path / "plain.keras", "--output_dir", tmp_path / "o", tmp_path / "x.png"
     )
-    _one_error_line(result, 1, "1 of 2 images", "broken.png")
-    assert (out / "odd_png.png").exists() and not (out / "broken.png").exists()
-    summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["images"]) == ["odd_png"]
-    assert summary["failed"][0]["input"] == str(bad)
+    _one_error_line(result, 1, "plain.keras", "not a kfcn model")
