@@ -23,7 +23,9 @@ stored where each format has room for extra data:
   interpreter ignores it).
 
 Every rewrite goes through `kfcn.files.atomic_output`: a reader sees the old or
-the new complete file, never a partial one.
+the new complete file, never a partial one. Exporters can embed the info before
+the first write: `save_model` for `.keras`, `write_class_info(info, tmp_dir)` on
+the SavedModel's temporary directory, `tflite_with_class_info(bytes, info)`.
 
 Example:
     ```python
@@ -270,7 +272,7 @@ def write_class_info(info: ClassInfo, model_path: str | os.PathLike) -> None:
     elif kind == "saved_model":
         write_json_atomically(document, os.path.join(path, SAVED_MODEL_SUBDIR, FILENAME))
     elif kind == "tflite":
-        _write_tflite(path, document)
+        _write_tflite(path, info)
     else:
         raise ValueError(
             "`model_path` must be a .keras file, a SavedModel directory or a .tflite file. "
@@ -368,15 +370,26 @@ def _read_tflite(path: str) -> str | None:
     return None
 
 
-def _write_tflite(path: str, document: dict[str, Any]) -> None:
+def tflite_with_class_info(flatbuffer: bytes, info: ClassInfo) -> bytes:
+    """A .tflite flatbuffer with `info` as its "kfcn_classes" metadata entry.
+
+    For exporters, to embed the class info before the file is first written
+    (`write_class_info` rewrites an existing file). An existing entry's buffer is
+    reused, so rewriting does not grow the file.
+
+    Args:
+        flatbuffer: The .tflite bytes (e.g. `TFLiteConverter.convert()`'s result).
+        info: The class info.
+
+    Returns:
+        The new .tflite bytes; the interpreter runs them exactly as before.
+    """
     import flatbuffers
     import numpy as np
 
     schema = _tflite_schema()
-    with open(path, "rb") as f:
-        data = bytearray(f.read())
-    model = schema.ModelT.InitFromPackedBuf(data, 0)
-    payload = np.frombuffer(json.dumps(document).encode("utf-8"), np.uint8)
+    model = schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0)
+    payload = np.frombuffer(json.dumps(info.to_dict()).encode("utf-8"), np.uint8)
     model.metadata = list(model.metadata or [])
     model.buffers = list(model.buffers or [])
     names = [m.name.decode() if isinstance(m.name, bytes) else m.name for m in model.metadata]
@@ -391,8 +404,15 @@ def _write_tflite(path: str, document: dict[str, Any]) -> None:
         model.metadata.append(entry)
     buffer.data = payload
     buffer.offset = buffer.size = 0
-    builder = flatbuffers.Builder(len(data) + len(payload) + 1024)
+    builder = flatbuffers.Builder(len(flatbuffer) + len(payload) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _write_tflite(path: str, info: ClassInfo) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    rewritten = tflite_with_class_info(data, info)
     with atomic_output(path, suffix=".tflite") as tmp:
         with open(tmp, "wb") as f:
-            f.write(builder.Output())
+            f.write(rewritten)

@@ -19,6 +19,10 @@ wraps each in a `Predictor` whose `scores(batch)` maps float32 RGB images [b, H,
 matches `kfcn.evaluation.predict_slide` (same windows, padding colour and
 averaging); `.keras` models use `predict_slide` itself.
 
+Images are read by `kfcn.data.images.read_image`, as training reads them
+(grayscale, palette, RGBA and 16-bit images become 8-bit RGB with a warning; pixels
+as stored, no EXIF rotation), so every output is of the stored image's size.
+
 For each input `NAME.ext`, `predict_to_directory` writes into the output directory
 `NAME.png` (the class map as an indexed, mode "P", PNG of the input's size, its
 palette the classes' colours), `NAME_overlay.jpg` (`kfcn.visualize.overlay` with a

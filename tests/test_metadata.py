@@ -146,6 +146,12 @@ def test_tflite_round_trip_and_the_interpreter_still_runs(model, tmp_path):
     grown = os.path.getsize(path) - size
     assert 0 < grown < len(json.dumps(INFO.to_dict())) + 200
     np.testing.assert_array_equal(run(), before)
+    # Exporters embed the info in the bytes before writing the file.
+    with open(path, "rb") as f:
+        again = metadata.tflite_with_class_info(f.read(), OTHER)
+    other_path = tmp_path / "other.tflite"
+    other_path.write_bytes(again)
+    assert metadata.read_class_info(other_path) == OTHER
 
 
 def test_unknown_formats(tmp_path):
