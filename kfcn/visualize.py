@@ -483,6 +483,7 @@ def read_scalars(logdir: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
         FileNotFoundError: If `logdir` holds no event files.
     """
     import tensorflow as tf
+    from tensorflow.core.util import event_pb2
 
     files = sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True))
     if not files:
@@ -492,7 +493,10 @@ def read_scalars(logdir: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
         run = os.path.relpath(os.path.dirname(path), logdir)
         tags = runs.setdefault(run, {})
         try:
-            for event in tf.compat.v1.train.summary_iterator(path):
+            # tf.data rather than tf.compat.v1.train.summary_iterator (deprecated, and
+            # it logs a warning saying so).
+            for record in tf.data.TFRecordDataset(path):
+                event = event_pb2.Event.FromString(record.numpy())
                 for value in event.summary.value:
                     if value.HasField("tensor"):
                         number = float(np.asarray(tf.make_ndarray(value.tensor)).reshape(-1)[0])
@@ -523,7 +527,8 @@ def training_curves(logdir: str, path: str) -> None:
     or any tag ending in iou/accuracy), and the learning rate when present.
 
     Args:
-        logdir: `model_dir/logs` (or any directory of event files).
+        logdir: `model_dir/logs`, or any directory of event files (e.g. a folder of
+            several model_dirs: each run's curves are labelled by its path).
         path: The PNG file to write.
 
     Raises:
@@ -539,7 +544,9 @@ def training_curves(logdir: str, path: str) -> None:
     for run, tags in sorted(runs.items()):
         evaluation = os.path.basename(run) in ("validation", "val", "eval")
         for tag, points in sorted(tags.items()):
-            label = tag if run == "." else f"{run}/{tag}"
+            # "fcn8s/logs/train" (several runs under one folder) -> "fcn8s/train/loss".
+            parts = [p for p in run.replace(os.sep, "/").split("/") if p not in (".", "logs")]
+            label = "/".join([*parts, tag])
             short = tag.split("/")[-1]
             if short in _LOSS_TAGS:
                 panels["loss"].append((label, points))
