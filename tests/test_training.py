@@ -209,10 +209,10 @@ def test_save_model_atomically_keeps_previous_file(tmp_path):
 
 
 def test_write_json_atomically(tmp_path):
-    path = str(tmp_path / "flags.json")
+    path = str(tmp_path / "result.json")
     files.write_json_atomically({"b": 1, "a": [1, 2]}, path)
     assert json.load(open(path)) == {"a": [1, 2], "b": 1}
-    assert os.listdir(tmp_path) == ["flags.json"]
+    assert os.listdir(tmp_path) == ["result.json"]
 
 
 def test_checkpoint_ignores_half_written_save(tmp_path):
