@@ -39,8 +39,19 @@ class BackboneSpec:
     fc_layers: tuple[str, ...] = ()
 
 
+# Each tap is the full-width feature map a stage leaves at that stride, as the
+# paper taps pool3 and pool4.
 _VGG_TAPS = {8: "block3_pool", 16: "block4_pool", 32: "block5_pool"}
-_DENSENET_TAPS = {8: "pool3_conv", 16: "pool4_conv", 32: "relu"}
+# The dense block's output, normalised and activated by its transition, before
+# the transition's 1x1 convolution halves the channels.
+_DENSENET_TAPS = {8: "pool3_relu", 16: "pool4_relu", 32: "relu"}
+# Inverted residuals (as MobileNetV2's row): the next stage's expansion, the
+# last and widest map at the stride before its strided depthwise convolution.
+_EFFICIENTNET_TAPS = {
+    8: "block4a_expand_activation",
+    16: "block6a_expand_activation",
+    32: "top_activation",
+}
 
 
 def _resnet_taps(blocks3: int, blocks4: int) -> dict[int, str]:
@@ -51,15 +62,26 @@ def _resnet_taps(blocks3: int, blocks4: int) -> dict[int, str]:
     }
 
 
+def _resnet_v2_taps(blocks3: int, blocks4: int) -> dict[int, str]:
+    # ResNetV2 strides in the last block of a stack, so the stage's full-width
+    # features at stride 8 (16) are that block's pre-activation (BN, ReLU) of its
+    # input, before its 1x1 bottleneck narrows them and its 3x3 strides.
+    return {
+        8: f"conv3_block{blocks3}_preact_relu",
+        16: f"conv4_block{blocks4}_preact_relu",
+        32: "post_relu",
+    }
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     "vgg16": BackboneSpec("VGG16", "caffe", _VGG_TAPS, ("fc1", "fc2")),
     "vgg19": BackboneSpec("VGG19", "caffe", _VGG_TAPS, ("fc1", "fc2")),
     "resnet50": BackboneSpec("ResNet50", "caffe", _resnet_taps(4, 6)),
     "resnet101": BackboneSpec("ResNet101", "caffe", _resnet_taps(4, 23)),
     "resnet152": BackboneSpec("ResNet152", "caffe", _resnet_taps(8, 36)),
-    "resnet50v2": BackboneSpec("ResNet50V2", "tf"),
-    "resnet101v2": BackboneSpec("ResNet101V2", "tf"),
-    "resnet152v2": BackboneSpec("ResNet152V2", "tf"),
+    "resnet50v2": BackboneSpec("ResNet50V2", "tf", _resnet_v2_taps(4, 6)),
+    "resnet101v2": BackboneSpec("ResNet101V2", "tf", _resnet_v2_taps(4, 23)),
+    "resnet152v2": BackboneSpec("ResNet152V2", "tf", _resnet_v2_taps(8, 36)),
     "mobilenet": BackboneSpec(
         "MobileNet", "tf", {8: "conv_pw_5_relu", 16: "conv_pw_11_relu", 32: "conv_pw_13_relu"}
     ),
@@ -68,11 +90,16 @@ BACKBONES: dict[str, BackboneSpec] = {
         "tf",
         {8: "block_6_expand_relu", 16: "block_13_expand_relu", 32: "out_relu"},
     ),
+    # MobileNetV3's activations and ConvNeXt's residual sums have auto-generated
+    # names: their taps (the same kinds of map as above) are found by position.
     "mobilenetv3small": BackboneSpec("MobileNetV3Small", "none"),
     "mobilenetv3large": BackboneSpec("MobileNetV3Large", "none"),
-    **{f"efficientnetb{i}": BackboneSpec(f"EfficientNetB{i}", "none") for i in range(8)},
     **{
-        f"efficientnetv2{v}": BackboneSpec(f"EfficientNetV2{v.upper()}", "none")
+        f"efficientnetb{i}": BackboneSpec(f"EfficientNetB{i}", "none", _EFFICIENTNET_TAPS)
+        for i in range(8)
+    },
+    **{
+        f"efficientnetv2{v}": BackboneSpec(f"EfficientNetV2{v.upper()}", "none", _EFFICIENTNET_TAPS)
         for v in ("b0", "b1", "b2", "b3", "s", "m", "l")
     },
     **{

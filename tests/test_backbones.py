@@ -12,16 +12,48 @@ from keras.src.utils import file_utils
 import kfcn
 from kfcn import backbones, geometry
 
-# Families whose Keras application builds its input scaling in the graph (a
-# Rescaling/Normalization stem that depends on `weights == "imagenet"` or on
-# `include_preprocessing`): the smallest member of each, and two layers with
-# stable names, the first convolution and a deep one.
+# Families whose Keras application (3.15) builds its input scaling into the
+# graph: EfficientNet B0-B7 by `weights == "imagenet"` (a second Rescaling),
+# EfficientNetV2, ConvNeXt and MobileNetV3 by `include_preprocessing`; the other
+# applications check `weights` only to validate arguments and download. The
+# smallest member of each, with two layers of stable name: the first
+# convolution and a deep one.
 IMAGENET_GRAPH_FAMILIES = {
     "efficientnetb0": ("stem_conv", "block6a_expand_activation"),
     "efficientnetv2b0": ("stem_conv", "block6a_expand_activation"),
     "convnexttiny": ("convnext_tiny_stem", "convnext_tiny_stage_2_block_0_depthwise_conv"),
     "mobilenetv3small": ("conv", "expanded_conv_7_project_bn"),
 }
+
+
+# Channels of the stride 8 / 16 / 32 taps, from the architectures' definitions
+# (not from kfcn): the full-width features each stage leaves at that stride.
+TAP_CHANNELS = {
+    "vgg16": (256, 512, 512),  # conv3_x, conv4_x, conv5_x
+    "resnet50": (512, 1024, 2048),  # bottleneck outputs 4 x (128, 256, 512)
+    # V2 strides in a stack's last block: 4 x 128 and 4 x 256 enter it, not the
+    # 1x1 bottleneck's 128 and 256.
+    "resnet50v2": (512, 1024, 2048),
+    "mobilenet": (256, 512, 1024),  # pointwise 5, 11, 13
+    "mobilenetv2": (32 * 6, 96 * 6, 1280),  # expansions of blocks 6 and 13 (t=6), last conv
+    "mobilenetv3small": (24 * 4, 48 * 6, 96 * 6),  # expansions of blocks 3, 8; last conv 6x96
+    "mobilenetv3large": (40 * 6, 112 * 6, 160 * 6),  # expansions of blocks 6, 12; last conv
+    "efficientnetb0": (40 * 6, 112 * 6, 1280),  # expansions of block4a, block6a (t=6); top
+    "efficientnetv2b0": (48 * 4, 112 * 6, 1280),  # block4a (t=4) and block6a (t=6); top
+    "convnexttiny": (192, 384, 768),  # projection dims of stages 1, 2, 3
+    # Dense blocks 2, 3, 4: 128 + 12 x 32, 256 + 24 x 32, 512 + 16 x 32 (before
+    # the transitions halve them).
+    "densenet121": (512, 1024, 1024),
+    "xception": (728, 1024, 2048),  # entry flow block 4, exit flow blocks 13, 14
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAP_CHANNELS))
+def test_taps_are_full_width_stage_features(name):
+    spec = backbones.get_spec(name)
+    taps = backbones.resolve_taps(backbones.build_trunk(spec), spec.taps)
+    channels = tuple(int(taps[stride][0].shape[-1]) for stride in backbones.STRIDES)
+    assert channels == TAP_CHANNELS[name]
 
 
 def _randomise(model, seed=0):
@@ -60,16 +92,31 @@ def test_imagenet_trunk_computes_what_the_imagenet_classifier_computes(name, tmp
     classifier = constructor(weights="imagenet")  # Keras' own graph for ImageNet weights
     model = kfcn.build_fcn32s(backbone=name, num_classes=2, weights="imagenet")
 
+    _assert_same_activations(model, classifier, IMAGENET_GRAPH_FAMILIES[name])
+
+
+def _assert_same_activations(model, classifier, layers):
     # The trunk's layers were built in their own graph first: take the FCN's tensors.
     tensors = {layer.name: tensor for layer, tensor, _ in geometry.trace(model)}
     images = np.random.default_rng(1).uniform(0, 255, (1, 224, 224, 3)).astype("float32")
-    for layer in IMAGENET_GRAPH_FAMILIES[name]:
+    for layer in layers:
         expected = keras.Model(classifier.input, classifier.get_layer(layer).output)(images)
         # The FCN's trunk from its preprocessed input (no padding: 224 = 7 * 32).
         trunk = keras.Model(model.get_layer("preprocess").output, tensors[layer])
         got = trunk(images)
         scale = float(np.abs(expected).max())
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * scale, err_msg=layer)
+
+
+def test_efficientnet_weights_file_is_used_as_keras_uses_it(tmp_path):
+    """A weights file gets Keras' graph for a file: one input rescaling, not the ImageNet two."""
+    source = keras.applications.EfficientNetB0(weights=None)
+    _randomise(source)
+    path = tmp_path / "efficientnetb0.weights.h5"
+    source.save_weights(path)
+    classifier = keras.applications.EfficientNetB0(weights=str(path))
+    model = kfcn.build_fcn32s(backbone="efficientnetb0", num_classes=2, weights=str(path))
+    _assert_same_activations(model, classifier, ("stem_conv",))
 
 
 def _offline(url, *args, **kwargs):
