@@ -75,6 +75,20 @@ def _align(factor, source: geometry.Geometry, stride_out: int, offset_out):
     return rows[0], (rows[1], cols[1])
 
 
+def _top_left_padding(source: geometry.Geometry) -> tuple[int, int]:
+    """Rows and columns to pad above and left of the image so no output pixel is padding.
+
+    The final upsampling's first output lies ``c`` pixels before the first
+    feature (``c`` its bilinear centre). A backbone whose first feature lies
+    further inside the image than that (Xception's unpadded convolutions put it
+    at pixel 33 at stride 32) would leave the first rows and columns of the
+    output before the upsampled map; padding the input by that many pixels
+    moves every feature outward by as much.
+    """
+    _, crop = _align(source.stride[0], source, 1, (0.0, 0.0))
+    return (max(0, -crop[0]), max(0, -crop[1]))
+
+
 def _check_arguments(variant, num_classes, input_shape, dropout, weights, backbone):
     if variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}")
@@ -212,16 +226,18 @@ def build_fcn(
     """
     shape = _check_arguments(variant, num_classes, input_shape, dropout, weights, backbone)
     trunk, taps, spec, classifier = _trunk(backbone, weights)
+    strides = sorted(taps)
+    # Feature positions on the padded image; the image itself starts at `before`.
+    where = {s: taps[s][1] for s in strides}
+    before = _top_left_padding(where[min(_SKIPS[variant], default=32)])
 
     images = keras.Input(shape=shape, name="images")
-    x = PadToMultiple(max(backbones.STRIDES), name="pad")(images)
+    x = PadToMultiple(max(backbones.STRIDES), before=before, name="pad")(images)
     x = Preprocess(spec.preprocessing, name="preprocess")(x)
     # Inline the trunk (call its graph layer by layer) so its layers, like the
     # head's, are layers of the returned model itself, found by get_layer.
-    strides = sorted(taps)
     features = keras.Model(trunk.inputs[0], [taps[s][0] for s in strides], name="taps")
     tapped = dict(zip(strides, features.call(x)))
-    where = {s: taps[s][1] for s in strides}
 
     x = tapped[32]
     if spec.fc_layers:
@@ -251,7 +267,7 @@ def build_fcn(
         score_where = where[stride]
 
     factor = score_where.stride[0]
-    kernel, offset = _align(factor, score_where, 1, (0.0, 0.0))
+    kernel, offset = _align(factor, score_where, 1, tuple(float(b) for b in before))
     up = _upscore(num_classes, kernel, factor, _FINAL_UPSCORE[variant], trainable_upsampling)
     logits = AlignCrop(offset, dtype="float32", name="score")([up(score), images])
 

@@ -64,7 +64,7 @@ _SPACE_CHANGING = (
     keras.layers.Conv2DTranspose,
     AlignCrop,
 )
-_SPACE_PRESERVING = (PadToMultiple, Preprocess, Scale)  # bottom/right padding keeps offsets
+_SPACE_PRESERVING = (Preprocess, Scale)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -107,6 +107,9 @@ def _layer_geometry(layer, inputs: list) -> object:
     geometry = spatial[0]
     if isinstance(layer, _SPACE_PRESERVING):
         return geometry
+    if isinstance(layer, PadToMultiple):  # bottom/right padding keeps offsets
+        top, left = layer.before
+        return geometry.then((1, 1), (-top, -left))
     if isinstance(layer, keras.layers.ZeroPadding2D):
         (top, _), (left, _) = layer.padding
         return geometry.then((1, 1), (-top, -left))
@@ -183,7 +186,10 @@ def find_taps(
 
     The tap of stride ``s`` is the last layer output (in topological order) that
     is a 4-D map at stride ``s`` and not a padding layer: the output of the stage
-    that works at that stride, as feature pyramids use (keras-hub's ``P3/P4/P5``).
+    that works at that stride, as feature pyramids use (keras-hub's ``P3/P4/P5``),
+    or for inverted residuals the next block's expansion of it. A block that
+    narrows its input before it strides (ResNetV2's 1x1 bottleneck) makes the
+    narrowed map the last one; such backbones need explicit tap names.
 
     Args:
         model: A Keras functional model taking an image.
@@ -197,7 +203,7 @@ def find_taps(
     for layer, tensor, geometry in records if records is not None else trace(model):
         if not isinstance(geometry, Geometry) or len(tensor.shape) != 4:
             continue
-        if isinstance(layer, keras.layers.ZeroPadding2D):
+        if isinstance(layer, (keras.layers.ZeroPadding2D, PadToMultiple)):
             continue
         if geometry.stride[0] == geometry.stride[1] and geometry.stride[0] in strides:
             taps[geometry.stride[0]] = (layer, tensor, geometry)

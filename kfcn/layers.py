@@ -73,26 +73,37 @@ class Preprocess(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="kfcn")
 class PadToMultiple(keras.layers.Layer):
-    """Pads the bottom and right of images to a multiple of the network stride.
+    """Pads images to a multiple of the network stride, and the top/left by a fixed amount.
 
     With every spatial size divisible by 32, each strided layer of the trunk
     sees a size divisible by its stride, so feature positions are the same
     for every input size and the output can be cropped back exactly (the role
     of the reference's 100-pixel padding). Padding on the bottom/right moves no
-    feature. The padding takes the colour `value` (the ImageNet mean by default,
-    which preprocessing maps to about zero).
+    feature; `before` rows and columns on the top/left shift every feature by
+    that much, which a backbone needs when its first feature lies inside the
+    image (Xception's unpadded convolutions), so that the upsampled scores
+    reach the image's first row and column. The padding takes the colour
+    `value` (the ImageNet mean by default, which preprocessing maps to about
+    zero).
 
     Args:
         multiple: The size multiple, >= 1.
         value: Per-channel padding value (in input units).
+        before: `(top, left)` rows and columns padded before the image, >= 0.
     """
 
-    def __init__(self, multiple: int = 32, value=IMAGENET_MEAN_RGB, **kwargs):
+    def __init__(self, multiple: int = 32, value=IMAGENET_MEAN_RGB, before=(0, 0), **kwargs):
         super().__init__(**kwargs)
         if int(multiple) < 1:
             raise ValueError(f"`multiple` must be >= 1. Received: multiple={multiple}")
+        before = tuple(int(b) for b in before)
+        if len(before) != 2 or min(before) < 0:
+            raise ValueError(
+                f"`before` must be two integers >= 0 (top, left). Received: before={before}"
+            )
         self.multiple = int(multiple)
         self.value = tuple(float(v) for v in value)
+        self.before = before
 
     def _padding(self, size):
         return (-size) % self.multiple
@@ -100,22 +111,32 @@ class PadToMultiple(keras.layers.Layer):
     def call(self, images):
         x = ops.cast(images, self.compute_dtype)
         shape = ops.shape(x)
-        pad_h, pad_w = self._padding(shape[1]), self._padding(shape[2])
-        if isinstance(pad_h, int) and isinstance(pad_w, int) and pad_h == 0 and pad_w == 0:
+        top, left = self.before
+        pad_h, pad_w = self._padding(shape[1] + top), self._padding(shape[2] + left)
+        static = isinstance(pad_h, int) and isinstance(pad_w, int)
+        if static and pad_h == 0 and pad_w == 0 and top == 0 and left == 0:
             return x  # static size already a multiple: no op at all
         value = ops.cast(np.asarray(self.value, np.float32), self.compute_dtype)
         # Pad (x - value) with zeros and add value back: a plain PAD op, which the
         # GPU delegate supports, instead of PADV2 with a constant.
-        x = ops.pad(x - value, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+        x = ops.pad(x - value, [[0, 0], [top, pad_h], [left, pad_w], [0, 0]])
         return x + value
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = input_shape
-        height, width = (None if s is None else s + self._padding(s) for s in (height, width))
+        height, width = (
+            None if s is None else s + b + self._padding(s + b)
+            for s, b in zip((height, width), self.before)
+        )
         return (batch, height, width, channels)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "multiple": self.multiple, "value": list(self.value)}
+        return {
+            **super().get_config(),
+            "multiple": self.multiple,
+            "value": list(self.value),
+            "before": list(self.before),
+        }
 
 
 @keras.saving.register_keras_serializable(package="kfcn")

@@ -100,7 +100,12 @@ def test_upsampling_path_is_aligned(variant, backbone):
     model = kfcn.build_fcn(variant, backbone=backbone, num_classes=2)
     spec = backbones.get_spec(backbone)
     taps = backbones.resolve_taps(backbones.build_trunk(spec), spec.taps)
-    where = {s: geo for s, (_, geo) in taps.items()}
+    # Feature positions on the image: the trunk's, less the model's top/left padding.
+    top, left = model.get_layer("pad").before
+    where = {
+        s: geometry.Geometry(geo.stride, (geo.offset[0] - top, geo.offset[1] - left))
+        for s, (_, geo) in taps.items()
+    }
     height, width = 160, 224  # padded input; maps at stride s are (h/s, w/s)
     score = _ramp(height // 32, width // 32, 32, where[32].offset)
     names = {16: ("upscore2", "upscore2c"), 8: ("upscore_pool4", "upscore_pool4c")}
@@ -139,3 +144,28 @@ def test_geometry_of_simple_layers():
     assert found["p1"] == geometry.Geometry((4, 4), (1.0, 1.0))
     # 3x3/2 'same' on an even size pads 0 on top: centre 4*(2j + 1) + 1 = 8j + 5.
     assert found["c2"] == geometry.Geometry((8, 8), (5.0, 5.0))
+
+
+def test_top_left_padding_moves_features():
+    # PadToMultiple's `before` rows and columns shift every feature outward.
+    inputs = keras.Input((None, None, 3))
+    x = kfcn.layers.PadToMultiple(8, before=(2, 3), name="pad")(inputs)
+    y = keras.layers.Conv2D(2, 3, strides=2, padding="same", name="c")(x)
+    model = keras.Model(inputs, y)
+    found = {layer.name: geo for layer, _, geo in geometry.trace(model)}
+    assert found["pad"] == geometry.Geometry((1, 1), (-2.0, -3.0))
+    assert found["c"] == geometry.Geometry((2, 2), (-1.0, -2.0))  # pads 0 on top: centre 2j + 1
+    image = np.arange(5 * 4 * 3, dtype=np.float32).reshape(1, 5, 4, 3)
+    padded = model.get_layer("pad")(image).numpy()
+    assert padded.shape == (1, 8, 8, 3)  # 2 + 5 + 1 rows, 3 + 4 + 1 columns
+    np.testing.assert_array_equal(padded[:, 2:7, 3:7], image)
+    np.testing.assert_allclose(padded[0, 0, 0], kfcn.layers.IMAGENET_MEAN_RGB, rtol=1e-6)
+
+
+def test_xception_is_padded_just_enough():
+    """Its first stride-8 feature lies at pixel 9; the x8 kernel's centre is 7: pad 2."""
+    model = kfcn.build_fcn8s(backbone="xception", num_classes=2)
+    assert model.get_layer("pad").before == (2, 2)
+    assert model.get_layer("score").offset == (0, 0)
+    assert kfcn.build_fcn8s(backbone="mobilenetv2").get_layer("pad").before == (0, 0)
+

@@ -109,15 +109,32 @@ def test_preprocessing_matches_keras_applications():
         )
 
 
+def _score_randomly(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.name.startswith("score_"):
+            layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.weights])
+
+
+def _assert_no_padding_border(out, where):
+    # With non-zero scores every output pixel that comes from the network is
+    # non-zero; a row or column of zeros is the crop's zero padding.
+    magnitude = np.abs(np.asarray(out))
+    rows, cols = magnitude.max(axis=(0, 2, 3)), magnitude.max(axis=(0, 1, 3))
+    assert rows.min() > 0 and cols.min() > 0, (where, np.flatnonzero(rows == 0))
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_backbone_any_size(backbone):
     model = kfcn.build_fcn8s(backbone=backbone, num_classes=3)
     assert {"score_fr", "score_pool4", "score_pool3", "upscore8"} <= {
         layer.name for layer in model.layers
     }
+    _score_randomly(model)
     for height, width in ODD_SIZES:
         out = model(_images(height, width))
         assert out.shape == (1, height, width, 3), (backbone, height, width)
+        _assert_no_padding_border(out, (backbone, height, width))
     # The trunk is not a nested sub-model: its layers are the model's own (only
     # ConvNeXt's own Sequential stem/downsampling blocks stay nested, as in Keras).
     assert not any(
@@ -130,8 +147,11 @@ def test_every_backbone_any_size(backbone):
 @pytest.mark.parametrize("variant", ["fcn32s", "fcn16s"])
 def test_coarser_variants_other_backbones(variant, backbone):
     model = kfcn.build_fcn(variant, backbone=backbone, num_classes=2)
+    _score_randomly(model)
     for height, width in [(33, 47), (97, 131)]:
-        assert model(_images(height, width)).shape == (1, height, width, 2)
+        out = model(_images(height, width))
+        assert out.shape == (1, height, width, 2)
+        _assert_no_padding_border(out, (variant, backbone, height, width))
 
 
 def test_static_input_shape_and_uint8():
