@@ -201,9 +201,10 @@ def load_dataset_flags(args: argparse.Namespace) -> tuple[Any, Any]:
     try:
         return data.load_dataset(args.dataset, args.split, args.data_dir, **kwargs)
     except (ValueError, OSError) as error:
-        raise CommandError(
-            f"{where}: {error} (is the dataset downloaded and --data_dir right?)"
-        ) from error
+        hint = (
+            "" if "download" in str(error) else " (is the dataset downloaded and --data_dir right?)"
+        )
+        raise CommandError(f"{where}: {error}{hint}") from error
     except AssertionError as error:  # tfds' "manual download required" check
         raise CommandError(f"{where}: {error}") from error
 
