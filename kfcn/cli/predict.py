@@ -14,14 +14,15 @@ MODEL is a .keras file, a SavedModel directory (kfcn export saved_model) or a
 
 Class names and colours come from the model (kfcn training stores them) or
 --palette, else class_0.. and a generic palette. Images of one size are batched
-(--batch_size). --tile HxW predicts in overlapping windows (logits averaged) for
-images too large for memory. A .tflite file has a fixed input size: other sizes
-are covered by windows of that size (padded with the ImageNet mean colour where
-the image is smaller), never resized. A folder is searched recursively and its
-subfolders are kept in the output names; when two inputs would get the same
-name (a/x.jpg, b/x.jpg), the later gets "_2" (x_2.png) with a warning. An image
-that cannot be decoded is skipped; the others are written and the command then
-fails (exit 1) naming the skipped files.
+(--batch_size). --tile HxW predicts in overlapping windows for images too large
+for memory (logits averaged where windows overlap; a SavedModel's probabilities).
+A .tflite file has a fixed input size: other sizes are covered by windows of that
+size (padded with the ImageNet mean colour where the image is smaller), never
+resized. A folder is searched recursively and its subfolders are kept in the
+output names; when two inputs would get the same name (a/x.jpg, b/x.jpg), the
+later gets "_2" (x_2.png) with a warning. An image that cannot be decoded is
+skipped; the others are written and the command then fails (exit 1) naming the
+skipped files.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=size_type("tile"),
         default=None,
         metavar="HxW",
-        help="Predict in overlapping HxW windows (logits averaged): for large images. "
-        "For a .tflite file, only its input size.",
+        help="Predict in overlapping HxW windows, for images too large for memory; where "
+        "windows overlap, logits are averaged (a SavedModel's probabilities). A .tflite file "
+        "takes only its own input size.",
     )
     parser.add_argument(
         "--tile_stride",
