@@ -106,7 +106,9 @@ class PadToMultiple(keras.layers.Layer):
         self.before = before
 
     def _padding(self, size):
-        return (-size) % self.multiple
+        # Non-negative operands: converters that lower FloorMod with a truncating
+        # division (tf2onnx) give the same result as TensorFlow.
+        return (self.multiple - size % self.multiple) % self.multiple
 
     def call(self, images):
         x = ops.cast(images, self.compute_dtype)

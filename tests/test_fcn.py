@@ -323,3 +323,23 @@ def test_mixed_bfloat16_policy_keeps_float32_logits():
     assert model.get_layer("score_fr").compute_dtype == "bfloat16"
     out = model(_images(33, 47))
     assert out.dtype == "float32" and out.shape == (1, 33, 47, 3)
+
+
+def test_top_left_padding_survives_onnx_conversion():
+    # tf2onnx lowers FloorMod with a truncating division: PadToMultiple must not
+    # take the modulo of a negative size, or Xception's padded input comes out short.
+    tf = pytest.importorskip("tensorflow")
+    tf2onnx = pytest.importorskip("tf2onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from kfcn.layers import PadToMultiple
+
+    inputs = keras.Input((None, None, 3))
+    pad = keras.Model(inputs, PadToMultiple(32, before=(2, 2))(inputs))
+    spec = (tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),)
+    function = tf.function(lambda images: {"padded": pad(images)}, input_signature=spec)
+    proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=17)
+    session = onnxruntime.InferenceSession(proto.SerializeToString())
+    images = _images(45, 77)
+    expected = pad(images).numpy()
+    assert expected.shape == (1, 64, 96, 3)
+    np.testing.assert_array_equal(session.run(None, {"images": images})[0], expected)
