@@ -139,11 +139,12 @@ def test_serving(model_file, tmp_path):
     _, path, info = model_file
     base = tmp_path / "models"
     args = ["kfcn", "export", "serving", "--model", path, "--base_path", base]
-    process = run([*args, "--model_name", "fcn", "--warmup_sizes", "32x48"])
+    process = run([*args, "--model_name", "fcn", "--warmup_sizes", ""])  # no warmup: faster
     assert process.returncode == 0, process.stderr[-3000:]
     assert sorted(os.listdir(base / "fcn")) == ["1"]
     assert (base / "models.config").is_file() and (base / "batching_parameters.txt").is_file()
     assert metadata.read_class_info(base / "fcn" / "1") == info
+    assert os.listdir(base / "fcn" / "1" / "assets.extra") == ["kfcn_classes.json"]
 
 
 def test_tflite_from_another_folder(model_file, tmp_path):
