@@ -321,9 +321,13 @@ def test_errors_before_any_work(setup, tmp_path):
         (
             ("--model", keras_model, "--output_dir", tmp_path, "--tile", "32y32", image),
             2,
-            ["--tile"],
+            ["--tile", "HxW", "32y32"],
         ),
-        (("--model", keras_model, "--output_dir", tmp_path, "--tile", "0x5", image), 2, ["--tile"]),
+        (
+            ("--model", keras_model, "--output_dir", tmp_path, "--tile", "0x5", image),
+            2,
+            ["--tile", "HxW"],
+        ),
         (
             (
                 "--model",
