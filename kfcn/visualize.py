@@ -606,9 +606,23 @@ def figure_grid(rows: list[list[np.ndarray]], column_titles: list[str], path: st
             raise ValueError(f"`rows[{index}]` has {len(row)} images for {columns} `column_titles`")
     images = [[_as_rgb(image) for image in row] for row in rows]
     aspect = float(np.mean([im.shape[1] / im.shape[0] for row in images for im in row]))
-    cell = 2.4
-    figure = _figure(columns * cell * aspect, len(rows) * cell + 0.4)
-    grid = figure.add_gridspec(len(rows), columns, wspace=0.03, hspace=0.03)
+    # Cells of the images' mean aspect, gaps and the title strip in inches, so the
+    # pictures fill their cells instead of floating in matplotlib's default margins.
+    cell_h, gap, title = 2.4, 0.06, 0.35
+    cell_w = cell_h * aspect
+    width = columns * cell_w + (columns - 1) * gap
+    height = len(rows) * cell_h + (len(rows) - 1) * gap + title
+    figure = _figure(width, height)
+    grid = figure.add_gridspec(
+        len(rows),
+        columns,
+        left=0.0,
+        right=1.0,
+        bottom=0.0,
+        top=1.0 - title / height,
+        wspace=gap / cell_w,
+        hspace=gap / cell_h,
+    )
     for r, row in enumerate(images):
         for c, image in enumerate(row):
             axes = figure.add_subplot(grid[r, c])
