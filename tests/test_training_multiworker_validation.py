@@ -29,17 +29,17 @@ VOID = 11
 # Odd count and different sizes: the shards differ in images and in pixels.
 VAL_SIZES = ((24, 32), (32, 40), (16, 24), (40, 32), (32, 32))
 
-# A recipe like recipes/train_camvid.py whose model predicts class red // 64 (0..3): a frozen
-# 1x1 convolution gives logit_c = c * (red + 0.5) - 32 * c * (c + 1), so logit_c - logit_(c-1)
-# = red + 0.5 - 64 c, with margins of at least 0.5; classes 4..10 get -1e4. A trainable,
-# zero-initialised 1x1 convolution gives the optimizer something to move; at learning rate
-# 1e-6 it cannot close those margins.
+# A preset of `kfcn train` like recipes/train_camvid.py whose model predicts class red // 64
+# (0..3): a frozen 1x1 convolution gives logit_c = c * (red + 0.5) - 32 * c * (c + 1), so
+# logit_c - logit_(c-1) = red + 0.5 - 64 c, with margins of at least 0.5; classes 4..10 get
+# -1e4. A trainable, zero-initialised 1x1 convolution gives the optimizer something to move;
+# at learning rate 1e-6 it cannot close those margins.
 DRIVER = textwrap.dedent(
     """
-    import functools
-    from absl import app
+    import functools, sys
     import keras, numpy as np
-    from kfcn.training import recipe
+    import kfcn.cli
+    from kfcn.cli import train
 
     def fixed_model(config, num_classes):
         kernel = np.zeros((1, 1, 3, num_classes), np.float32)
@@ -58,13 +58,11 @@ DRIVER = textwrap.dedent(
         return keras.Model(images, keras.layers.Add()([fixed, learned]))
 
     if __name__ == "__main__":
-        recipe.define_flags(
-            dict(dataset="camvid", backbone="fixed", batch_size=4, crop_size="32x32",
-                 scale_range="1,1", optimizer="sgd", learning_rate=1e-6, log_every=1,
-                 weights="none", seed=0),
-            datasets=("camvid",),
-        )
-        app.run(functools.partial(recipe.main, model_fn=fixed_model))
+        train.run = functools.partial(train.run, model_fn=fixed_model)
+        defaults = dict(dataset="camvid", backbone="fixed", batch_size=4, crop_size="32x32",
+                        scale_range="1,1", optimizer="sgd", learning_rate=1e-6, log_every=1,
+                        weights="none", seed=0)
+        sys.exit(kfcn.cli.main(["train", *sys.argv[1:]], prog="driver.py", defaults=defaults))
     """
 )
 

@@ -1,4 +1,4 @@
-"""End-to-end test of recipes/train_camvid.py with the real builder and data pipeline."""
+"""End-to-end test of recipes/train_camvid.py (a preset of `kfcn train`) with the real builder."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from test_training_distributed import _env, _write_camvid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,14 +44,18 @@ def test_train_camvid_recipe_mirrored_mixed_precision(tmp_path):
     assert "2 replica(s) (mirrored), dtype policy mixed_bfloat16" in out.stderr
     assert "Median-frequency class weights" in out.stderr
 
-    flags = json.load(open(model_dir / "flags.json"))
-    assert flags["num_replicas"] == 2 and flags["total_steps"] == 2
-    assert flags["dtype_policy"] == "mixed_bfloat16"
-    # Weights from the fixture's label counts: classes 0..3 occur, 4..10 never (weight 0).
-    weights = np.array(flags["class_weights"])
-    assert weights.shape == (11,) and (weights[4:] == 0).all() and (weights[:4] > 0).all()
     result = json.load(open(model_dir / "result.json"))
+    run = result["run"]
+    assert run["num_replicas"] == 2 and run["total_steps"] == 2
+    assert run["dtype_policy"] == "mixed_bfloat16"
+    # Weights from the fixture's label counts: classes 0..3 occur, 4..10 never (weight 0).
+    weights = np.array(run["class_weights"])
+    assert weights.shape == (11,) and (weights[4:] == 0).all() and (weights[:4] > 0).all()
     assert result["final_step"] == 2 and result["validation"]["num_images"] == 2
+    # The preset's defaults are in the run's settings (it is `kfcn train` underneath).
+    settings = yaml.safe_load(open(model_dir / "config.yaml"))
+    assert settings["class_weighting"] == "median_frequency" and settings["dataset"] == "camvid"
+    assert settings["scale_range"] == [0.75, 1.5] and settings["mixed_precision"] is True
 
     import kfcn
 
