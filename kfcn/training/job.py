@@ -56,6 +56,7 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
         ```
     """
     config.validate()
+    # 1. Strategy and precision policy (before any other TensorFlow op).
     strategy, loss_scaling = _strategy_and_precision(config)
     from kfcn.training import loop
     from kfcn.training.strategy import worker_info
@@ -63,13 +64,15 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
     worker = worker_info(strategy)
     run = RunDirectory(config.model_dir, is_chief=worker.is_chief)
     config = run.settle_seed(config)
+    # 2. Inputs, and whether an earlier run already did the work.
     inputs = Inputs(config, strategy.num_replicas_in_sync)
     run_facts = inputs.facts(strategy, worker.num_workers)
     if run.is_complete(inputs.total_steps):
         return _already_complete(run, inputs.total_steps, run_facts)
-
+    # 3. Model and optimizer; the settings are recorded once they are known to work.
     model, optimizer = _model_and_optimizer(config, strategy, inputs, loss_scaling, model_fn)
     run.record_settings(config)
+    # 4. The loop: checkpoints, validation, resume.
     trained = loop.train(
         strategy=strategy,
         model=model,
@@ -85,6 +88,7 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
         num_overlays=config.num_overlays,
     )
 
+    # 5. The final model (float32, with class names and palette) and results.
     if config.mixed_precision:
         model = _float32_copy(model, config, inputs.info.num_classes, model_fn)
     run.save_model(model, inputs.class_info)
