@@ -4,15 +4,12 @@ The file takes `images`, float32 [batch, height, width, 3] 0..255 RGB (any heigh
 and width, unless a fixed `input_size` is asked for), and returns `logits`,
 float32 [batch, height, width, num_classes]; the argmax is the caller's.
 
-Why the graph pads its input itself: kfcn models pad images to a multiple of 32
-with `(-size) % 32` (`kfcn.layers.PadToMultiple`). tf2onnx lowers an integer
-FloorMod to `a - Div(a, b) * b`, and ONNX Runtime's integer Div truncates toward
-zero, so for a negative `a` the pad comes out negative (tf2onnx issue #2174): a
-45x77 image gave 39x71 logits. The exported function therefore pads the image
-to the model's multiple with non-negative arithmetic (where truncation and floor
-agree), with the model's own padding colour, and crops the logits back. The
-model then sees exactly the image it would have padded itself, so the logits
-are the Keras model's.
+Integer arithmetic on shapes must not depend on the rounding of negative
+operands: tf2onnx lowers an integer FloorMod to `a - Div(a, b) * b` and ONNX
+Runtime's integer Div truncates toward zero (tf2onnx issue #2174), so `(-45) % 32`
+becomes -13 there; kfcn's `PadToMultiple` computes its padding from non-negative
+operands for this reason. Every export is run with onnxruntime at two sizes, one
+not a multiple of 32, and compared with the Keras model before it is written.
 
 Example:
     >>> result = export_onnx(model, "fcn8s.onnx")
@@ -25,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 
 import numpy as np
@@ -62,19 +58,8 @@ class ONNXExport:
     max_abs_error: float | None
 
 
-def _padding_of(model) -> tuple[int, tuple[float, float, float]]:
-    """The multiple and colour the model pads its input with (1 and zeros if none)."""
-    from kfcn.layers import PadToMultiple
-
-    pads = [layer for layer in model.layers if isinstance(layer, PadToMultiple)]
-    if not pads:
-        return 1, (0.0, 0.0, 0.0)
-    multiple = math.lcm(*(layer.multiple for layer in pads))
-    return multiple, tuple(pads[0].value)
-
-
 def onnx_function(model, input_size: tuple[int, int] | None = None):
-    """The tf.function that is converted: pad to the model's multiple, run, crop.
+    """The tf.function that is converted: the model's logits as float32.
 
     Args:
         model: A kfcn segmentation keras.Model.
@@ -85,22 +70,12 @@ def onnx_function(model, input_size: tuple[int, int] | None = None):
     """
     import tensorflow as tf
 
-    multiple, value = _padding_of(model)
     shape = [None, None, None, 3] if input_size is None else [1, *input_size, 3]
     spec = tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)
 
     @tf.function(input_signature=[spec])
     def serve(images):
-        height, width = tf.shape(images)[1], tf.shape(images)[2]
-        # Non-negative operands only: see the module docstring.
-        pad_h = (multiple - height % multiple) % multiple
-        pad_w = (multiple - width % multiple) % multiple
-        paddings = [[0, 0], [0, pad_h], [0, pad_w], [0, 0]]
-        outside = 1.0 - tf.pad(tf.ones_like(images[..., :1]), paddings)
-        colour = tf.constant(value, tf.float32)  # made inside: tf2onnx would see a capture
-        padded = tf.pad(images, paddings) + outside * colour  # image pixels stay exact
-        logits = tf.cast(model(padded, training=False), tf.float32)
-        return {OUTPUT_NAME: logits[:, :height, :width, :]}
+        return {OUTPUT_NAME: tf.cast(model(images, training=False), tf.float32)}
 
     return serve
 
