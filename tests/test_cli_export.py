@@ -176,6 +176,7 @@ def test_presets_answer_help_from_any_folder(script, tmp_path):
 
 
 def test_onnx_agrees_with_keras_at_odd_sizes(model_file, odd_images, tmp_path):
+    pytest.importorskip("tf2onnx", reason="the onnx extra: pip install 'kfcn[onnx]'")
     onnxruntime = pytest.importorskip("onnxruntime")
     from kfcn.export.onnx import read_onnx_class_info
 
