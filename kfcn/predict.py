@@ -321,11 +321,30 @@ class TFLitePredictor(Predictor):
         return np.concatenate(out, 0).astype(np.float32)
 
 
+def _latest_serving_version(path: str) -> str:
+    """A TF Serving model directory (`kfcn export serving`): its highest version."""
+    versions = [
+        int(name)
+        for name in os.listdir(path)
+        if name.isdigit() and metadata.model_format(os.path.join(path, name)) == "saved_model"
+    ]
+    if not versions:
+        raise ModelError(
+            f"--model {path!r} is a directory without saved_model.pb (nor numbered TF Serving "
+            "versions holding one); expected a .keras file, a SavedModel directory or a "
+            ".tflite file written by kfcn"
+        )
+    chosen = os.path.join(path, str(max(versions)))
+    logger.info("%s is a TF Serving model directory; using its latest version %s", path, chosen)
+    return chosen
+
+
 def load_predictor(path: str | os.PathLike, num_threads: int | None = None) -> Predictor:
     """Opens a kfcn model in any of the three formats.
 
     Args:
-        path: A `.keras` file, a SavedModel directory or a `.tflite` file.
+        path: A `.keras` file, a SavedModel directory or a `.tflite` file (or a TF
+            Serving model directory of numbered SavedModels: the highest is used).
         num_threads: Threads for the TFLite interpreter (default: the runtime's).
 
     Raises:
@@ -336,16 +355,17 @@ def load_predictor(path: str | os.PathLike, num_threads: int | None = None) -> P
     if not os.path.exists(path):
         raise FileNotFoundError(f"--model {path!r} does not exist")
     kind = metadata.model_format(path)
+    if kind is None and os.path.isdir(path):
+        path, kind = _latest_serving_version(path), "saved_model"
     if kind == "keras":
         return KerasPredictor(path)
     if kind == "saved_model":
         return SavedModelPredictor(path)
     if kind == "tflite":
         return TFLitePredictor(path, num_threads)
-    what = "a directory without saved_model.pb" if os.path.isdir(path) else "not a model file"
     raise ModelError(
-        f"--model {path!r} is {what}; expected a .keras file, a SavedModel directory or a "
-        ".tflite file written by kfcn"
+        f"--model {path!r} is not a model file; expected a .keras file, a SavedModel "
+        "directory or a .tflite file written by kfcn"
     )
 
 

@@ -246,6 +246,20 @@ def test_tile_scores_in_process(setup, kind):
         assert _agreement(one_window.argmax(-1), whole.argmax(-1)) >= AGREEMENT
 
 
+def test_a_tf_serving_model_directory_uses_its_latest_version(setup, tmp_path):
+    import shutil
+
+    from kfcn import predict
+
+    for version in ("2", "10"):  # numerically, not alphabetically, latest
+        shutil.copytree(setup["paths"]["saved_model"], tmp_path / "fcn" / version)
+    (tmp_path / "fcn" / "notes").mkdir()
+    predictor = predict.load_predictor(tmp_path / "fcn")
+    assert predictor.kind == "saved_model"
+    assert predictor.path == str(tmp_path / "fcn" / "10")
+    assert predict.resolve_class_info(predictor)[1] == "model"  # its class names found
+
+
 def test_same_names_from_two_folders_are_both_kept(tmp_path):
     from kfcn import predict
 
