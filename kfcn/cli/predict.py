@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="A .keras file, a SavedModel directory or a .tflite file written by kfcn.",
+        help="A .keras file, a SavedModel directory (or a TF Serving model directory: its "
+        "latest version) or a .tflite file, written by kfcn.",
     )
     parser.add_argument(
         "--output_dir", required=True, help="Where the results go (created if missing)."
