@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -83,11 +84,12 @@ def test_wires_are_thin_and_beads_small(train_samples):
         shape_near += _near_other_class(shapes, 2).sum()
     assert near / wire_pixels > 0.95
     assert shape_near / shape_pixels < 0.5
-    # Small: beads are under 3% of the pixels and each image's beads cover less
-    # than 12 discs of the largest radius: all smaller than one stride-32 cell.
+    # Small: beads are under 6% of the pixels and each image's beads cover less
+    # than 24 discs of the largest radius: each smaller than a stride-16 cell.
     bead = np.stack([s.label == synthetic.BEAD for s in train_samples])
-    assert bead.mean() < 0.03
-    largest = 12 * np.pi * (synthetic._BEAD_RADII[1] + 0.5) ** 2
+    assert bead.mean() < 0.06
+    assert 2 * synthetic._BEAD_RADII[1] < 16
+    largest = 24 * np.pi * (synthetic._BEAD_RADII[1] + 0.5) ** 2
     assert bead.sum(axis=(1, 2)).max() < largest
 
 
@@ -134,6 +136,15 @@ def test_written_dataset_reads_back_through_load_dataset(tmp_path):
 # `kfcn demo --quick`, the installed command in a subprocess
 
 
+def test_python_m_kfcn_demo_is_the_demo_command():
+    completed = subprocess.run(
+        [sys.executable, "-m", "kfcn.demo", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("usage: kfcn demo")
+    assert "--quick" in completed.stdout and "--output_dir" in completed.stdout
+
+
 def _kfcn_command() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "kfcn")
     if not os.path.exists(script):
@@ -147,6 +158,7 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
 
     output = tmp_path / "demo out"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     completed = subprocess.run(
         _kfcn_command() + ["demo", "--quick", "--output_dir", str(output)],
@@ -156,8 +168,13 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
         timeout=300,
     )
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert seconds < 60, f"kfcn demo --quick took {seconds:.0f} s"
+    # "Under a minute" on an idle 2-core machine. CPU time measures that without
+    # counting the waits a shared CI machine adds; the wall-clock bound catches hangs.
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 60, f"kfcn demo --quick used {cpu:.0f} s of CPU ({seconds:.0f} s wall clock)"
+    assert seconds < 180, f"kfcn demo --quick took {seconds:.0f} s"
 
     stdout = completed.stdout
     for heading in ("pixel acc.", "mean acc.", "mean IU", "f.w. IU"):

@@ -63,6 +63,7 @@ class DemoSettings:
         learning_rate: Initial learning rate of each stage (poly decay to 0).
         bn_momentum: BatchNormalization momentum (short runs need a fast average).
         dropout: Dropout before the scoring layer.
+        trainable_upsampling: Learn the bilinear-initialised upsampling layers.
         class_weighting: "none" or "median_frequency".
         eval_images: Held-out images validated during training (training curves).
         evals_per_stage: Validations per stage (for the curves).
@@ -74,13 +75,14 @@ class DemoSettings:
     image_size: int = 128
     num_train: int = 400
     num_val: int = 80
-    stage_steps: tuple[int, int, int] = (900, 450, 450)
+    stage_steps: tuple[int, int, int] = (900, 450, 600)
     batch_size: int = 8
     crop_size: int = 96
     optimizer: str = "adam"
     learning_rate: float = 3e-3
     bn_momentum: float = 0.9
     dropout: float = 0.0
+    trainable_upsampling: bool = True
     class_weighting: str = "none"
     eval_images: int = 16
     evals_per_stage: int = 3
@@ -186,6 +188,7 @@ def train_config(
         variant=variant,
         init_from=init_from,
         dropout=settings.dropout,
+        trainable_upsampling=settings.trainable_upsampling,
         bn_momentum=settings.bn_momentum,
         batch_size=settings.batch_size,
         crop_size=(settings.crop_size, settings.crop_size),

@@ -8,8 +8,8 @@ Each image is a scene of textured materials, one class per material:
 | 1 | water | blue with wavy ripples, a band with a wavy shore | a long curved boundary |
 | 2 | stripes | purple/pink diagonal stripes, large ellipses and polygons | large objects |
 | 3 | checks | green checkerboard, large ellipses and polygons | large objects |
-| 4 | wire | red-orange curves 2-4 px wide | thin structures |
-| 5 | bead | yellow discs of radius 2-4 px | small objects |
+| 4 | wire | red curves 2-4 px wide, 2-4 per image | thin structures |
+| 5 | bead | yellow shaded discs of radius 2.5-4.5 px, 10-24 per image | small objects |
 
 Wires and beads are thinner and smaller than one stride-32 cell (a 128-pixel image
 gives FCN-32s a 4x4 score map), so FCN-32s cannot place them and FCN-16s/8s, whose
@@ -58,11 +58,11 @@ PALETTE = (
 SPLITS = {"train": 0, "val": 1}
 
 _WIRE_WIDTHS = (2, 3, 4)
-_BEAD_RADII = (2.0, 4.0)
+_BEAD_RADII = (2.5, 4.5)
 # Objects per image: [low, high) of shapes, wires and beads.
 _SHAPES = (1, 4)
-_WIRES = (1, 4)
-_BEADS = (4, 13)
+_WIRES = (2, 5)
+_BEADS = (10, 25)
 
 
 @dataclass(frozen=True)
