@@ -152,7 +152,9 @@ def test_train_repeat_resume_and_complete(tmp_path, folder):
     assert again.returncode == 0, again.stderr[-3000:]
     repeated = yaml.safe_load(open(tmp_path / "again" / "config.yaml"))
     assert repeated == {**settings, "model_dir": str(tmp_path / "again")}
-    np.testing.assert_allclose(_predict(tmp_path / "again" / "model.keras"), before, atol=1e-4)
+    # (Bitwise equal on the development machine; without the recorded seed 99% of the
+    # logits differ by more than 1e-4.)
+    np.testing.assert_allclose(_predict(tmp_path / "again" / "model.keras"), before, atol=1e-6)
 
     # Resume with more steps: continues from the checkpoint of step 2.
     more = _run(_train_args(folder, run, 4), cwd=tmp_path)
