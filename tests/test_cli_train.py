@@ -313,3 +313,10 @@ def test_recipes_are_presets_with_their_defaults_in_help():
         assert process.stdout.startswith(f"usage: {script} ")
         for text in expected:
             assert text in " ".join(process.stdout.split()), (script, text)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    process = _run(["train", "--debug", "--model_dir=run", "--crop_size=12x"], cwd=tmp_path)
+    assert process.returncode == 2
+    assert "Traceback" in process.stderr and "UsageError" in process.stderr
+    assert process.stderr.rstrip().splitlines()[-1].startswith("kfcn train: error: --crop_size")
