@@ -152,6 +152,22 @@ def _kfcn_command() -> list[str]:
     return [script]
 
 
+def test_demo_refuses_a_directory_it_did_not_write(tmp_path):
+    (tmp_path / "thesis.tex").write_text("not the demo's")
+    completed = subprocess.run(
+        _kfcn_command() + ["demo", "--quick", "--output_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr
+    assert lines[0].startswith("kfcn demo: error: --output_dir holds files the demo did not write")
+    assert (tmp_path / "thesis.tex").read_text() == "not the demo's"
+    assert sorted(os.listdir(tmp_path)) == ["thesis.tex"]
+
+
 @pytest.mark.slow
 def test_quick_demo_writes_every_promised_file(tmp_path):
     from kfcn import metrics
@@ -217,6 +233,7 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
     interpreter.invoke()
     assert interpreter.get_tensor(out["index"]).shape == (1, 128, 128, synthetic.NUM_CLASSES)
 
+    assert (output / ".kfcn_demo").exists()  # a rerun may replace these files
     for export in ("saved_model", "tflite_fp16"):
         with Image.open(output / "predictions" / export / "val_0000.png") as class_map:
             assert class_map.mode == "P" and class_map.size == (128, 128)

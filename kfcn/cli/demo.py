@@ -19,8 +19,8 @@ writes into --output_dir:
 
 and prints how often the exports' class maps agree with the Keras model's. About
 five minutes on two CPU cores; --quick runs the same path on a few images in
-well under a minute (its scores mean nothing). Files of an earlier demo in
---output_dir are replaced.
+under a minute (its scores mean nothing). --output_dir must be new, empty or an
+earlier demo's (whose files are replaced).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import os
 import sys
 
 from kfcn.cli.args import add_bool
+from kfcn.cli.errors import UsageError
 
 HELP = "Train FCN-32s/16s/8s on generated data and show the results."
 
@@ -52,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
     from kfcn.demo import run as demo
 
+    try:
+        demo.check_output_dir(args.output_dir)
+    except ValueError as error:
+        message = str(error).replace("`output_dir`", "--output_dir")
+        raise UsageError(message.replace("output_dir=", "--output_dir=")) from error
     settings = demo.QUICK if args.quick else demo.FULL
     if not args.verbose:
         # Progress bars and the summary are the demo's output; log lines only on request.

@@ -43,6 +43,9 @@ TABLE_COLUMNS = (
     ("frequency_weighted_iou", "f.w. IU"),
 )
 
+#: Written into the output directory, so a rerun knows it may replace the demo's files there.
+MARKER_FILE = ".kfcn_demo"
+
 #: `progress(task, done, total)`: a task's progress (steps, images), for progress bars.
 ProgressFn = Callable[[str, int, int], None]
 
@@ -428,6 +431,26 @@ def export_and_predict(
 # The whole demo
 
 
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Raises ValueError unless `output_dir` is new, empty or an earlier demo's.
+
+    Raises:
+        ValueError: naming `output_dir`, if it is a file or a non-empty directory
+            without the demo's `MARKER_FILE`.
+    """
+    path = os.fspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"`output_dir` must be a directory. Received: output_dir={path!r} (a file)"
+        )
+    if os.path.isdir(path) and os.listdir(path):
+        if not os.path.exists(os.path.join(path, MARKER_FILE)):
+            raise ValueError(
+                f"`output_dir` holds files the demo did not write; choose a new or empty "
+                f"directory. Received: output_dir={path!r}"
+            )
+
+
 def run_demo(
     output_dir: str | os.PathLike,
     settings: DemoSettings = FULL,
@@ -446,11 +469,19 @@ def run_demo(
 
     Returns:
         The `DemoResult` (also written to `output_dir/metrics.json`: the scores).
+
+    Raises:
+        ValueError: If `output_dir` holds files and was not written by the demo
+            (the demo replaces its own files there, never anyone else's).
     """
     from kfcn import files
 
     output_dir = os.path.abspath(os.fspath(output_dir))
+    check_output_dir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
+    files.write_text_atomically(
+        "kfcn demo output; rerunning the demo replaces it\n", os.path.join(output_dir, MARKER_FILE)
+    )
     seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
