@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from export_fixtures import (
     HEIGHT,
+    VARIANTS,
     WIDTH,
     cached_confident_model,
     synthetic_scenes,
@@ -24,9 +25,11 @@ SIZE = f"{HEIGHT}x{WIDTH}"
 AGREEMENT = {"none": 0.999, "float16": 0.995, "int8": 0.97}
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return cached_confident_model(tmp_path_factory)[0]
+# Every variant: the fixtures' outputs depend on every path (deep blocks, upscore2,
+# upscore_pool4, skips), so a conversion bug in any of them breaks the agreement.
+@pytest.fixture(scope="module", params=VARIANTS)
+def model(request, tmp_path_factory):
+    return cached_confident_model(tmp_path_factory, request.param)[0]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def exports(model, calibration_dir, tmp_path_factory):
     return {
         q: tflite_lib.export_tflite(
             model,
-            out / f"fcn8s_{q}.tflite",
+            out / f"{model.name}_{q}.tflite",
             SIZE,
             quantization=q,
             representative_data=calibration_dir if q == "int8" else None,
@@ -100,7 +103,8 @@ def test_sizes_shrink_with_quantization(exports):
     assert any(op.name == "CONV_2D" and op.inputs[0].dtype == "INT8" for op in ops)
 
 
-def test_with_argmax_is_cpu_only(model, test_images, tmp_path):
+def test_with_argmax_is_cpu_only(tmp_path_factory, test_images, tmp_path):
+    model = cached_confident_model(tmp_path_factory, "fcn8s")[0]
     result = tflite_lib.export_tflite(model, tmp_path / "argmax.tflite", SIZE, with_argmax=True)
     assert [issue.op for issue in result.gpu_report.issues] == ["ARG_MAX"]
     runner = tflite_lib.make_interpreter(result.path).get_signature_runner()
