@@ -190,6 +190,8 @@ def run_command(
         parse = getattr(module, "parse_args", None)
         args = parse(parser, list(argv)) if parse else parser.parse_args(list(argv))
         _configure_logging()
+        if not debug:
+            _start_tensorflow_quietly()
         return int(module.run(args) or 0)
     except UsageError as error:
         return _report(prog, command, error, USAGE_EXIT_CODE, debug)
@@ -237,6 +239,32 @@ def _configure_logging() -> None:
         )
     # TensorFlow's C++ start-up chatter is not the user's business.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _start_tensorflow_quietly() -> None:
+    """Imports TensorFlow and lists its devices with file descriptor 2 silenced.
+
+    TF 2.21 writes its C++ start-up lines (oneDNN, CPU features, "Could not find
+    cuda drivers", "failed call to cuInit") straight to fd 2 before any log
+    setting applies, so no environment variable hides them; a command's stderr
+    is for its own one-line errors. `--debug` leaves them visible. Listing
+    physical devices does not initialise the runtime, so `--cpu_replicas` can
+    still split the CPU afterwards.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def entry_point() -> None:
