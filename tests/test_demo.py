@@ -234,6 +234,12 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
     assert interpreter.get_tensor(out["index"]).shape == (1, 128, 128, synthetic.NUM_CLASSES)
 
     assert (output / ".kfcn_demo").exists()  # a rerun may replace these files
+    from kfcn import metadata
+
+    for model_file in ("runs/fcn8s/model.keras", "saved_model", "fcn8s_fp16.tflite"):
+        info = metadata.read_class_info(output / model_file)
+        assert info.names == list(synthetic.CLASS_NAMES), model_file
+        assert info.palette == [list(c) for c in synthetic.PALETTE], model_file
     for export in ("saved_model", "tflite_fp16"):
         with Image.open(output / "predictions" / export / "val_0000.png") as class_map:
             assert class_map.mode == "P" and class_map.size == (128, 128)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -30,8 +31,6 @@ from typing import Any
 import numpy as np
 
 from kfcn.demo import synthetic
-
-logger = logging.getLogger(__name__)
 
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 TITLES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s"}
@@ -211,7 +210,11 @@ def train_config(
 
 
 class _StepProgress(logging.Handler):
-    """Turns the training loop's "step N/T" log records into `progress` calls."""
+    """Turns the training loop's "step N/T" log records into `progress` calls.
+
+    `kfcn.training.fit` takes no progress callback; its loop logs a line every
+    `log_every` steps whose first two arguments are the step and the total.
+    """
 
     def __init__(self, task: str, progress: ProgressFn) -> None:
         super().__init__(level=logging.INFO)
@@ -228,6 +231,7 @@ def train_stages(
     runs_dir: str, data_dir: str, settings: DemoSettings, progress: ProgressFn | None = None
 ) -> dict[str, str]:
     """Trains FCN-32s, FCN-16s from it and FCN-8s from that; returns variant -> model.keras."""
+    from kfcn import metadata
     from kfcn.training import fit
 
     loop_logger = logging.getLogger("kfcn.training.loop")
@@ -248,6 +252,8 @@ def train_stages(
             if handler:
                 loop_logger.removeHandler(handler)
                 loop_logger.setLevel(previous_level)
+        # The demo's own colours, so `kfcn predict` with these files draws them too.
+        metadata.write_class_info(class_info(), result.model_path)
         models[variant] = init_from = result.model_path
     return models
 
@@ -299,6 +305,17 @@ def score_models(
         if variant == VARIANTS[-1]:
             confusion = matrix
     return scores, examples, confusion
+
+
+def _json_values(value: Any) -> Any:
+    """`value` with NaN (an undefined score, see `kfcn.metrics.scores`) as None (null)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_values(item) for item in value]
+    return value
 
 
 def format_table(scores: dict[str, dict[str, Any]]) -> str:
@@ -358,7 +375,8 @@ def draw_pictures(
 # 5. Export and predict
 
 
-def _class_info() -> Any:
+def class_info() -> Any:
+    """The demo's classes as a `kfcn.metadata.ClassInfo` (names and `synthetic.PALETTE`)."""
     from kfcn import metadata
 
     return metadata.ClassInfo(
@@ -386,7 +404,7 @@ def export_and_predict(
     from kfcn.data import read_image, read_label
 
     model = kfcn.load_model(model_path, compile=False)
-    info = _class_info()
+    info = class_info()
     paths = {
         "saved_model": os.path.join(output_dir, "saved_model"),
         "tflite": os.path.join(output_dir, "fcn8s_fp16.tflite"),
@@ -502,7 +520,7 @@ def run_demo(
         scores, examples, confusion = score_models(
             models, data_dir, settings.figure_images, progress
         )
-        files.write_json_atomically(scores, metrics_path)
+        files.write_json_atomically(_json_values(scores), metrics_path)
     with stage("pictures", "Drawing Figure 2, the confusion matrix and the training curves"):
         pictures = draw_pictures(output_dir, runs_dir, data_dir, examples, confusion)
     with stage("export", "Exporting FCN-8s (SavedModel, float16 TFLite), running kfcn predict"):
