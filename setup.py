@@ -30,6 +30,7 @@ setup(
     extras_require={
         "tflite": ["ai-edge-litert"],
         "serving": ["tensorflow-serving-api", "grpcio", "requests"],
+        "onnx": ["tf2onnx", "onnxruntime"],
         "test": [
             "pytest",
             "ruff",
@@ -38,6 +39,8 @@ setup(
             "tensorflow-serving-api",
             "grpcio",
             "requests",
+            "tf2onnx",
+            "onnxruntime",
         ],
     },
 )

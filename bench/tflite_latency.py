@@ -79,10 +79,11 @@ def main(argv):
     from tqdm import tqdm
 
     import kfcn
+    from kfcn.cli.args import parse_size
     from kfcn.export import tflite as tflite_lib
-    from kfcn.export.artifacts import load_segmentation_model, parse_input_size
+    from kfcn.export.artifacts import load_segmentation_model
 
-    height, width = parse_input_size(INPUT_SIZE.value)
+    height, width = parse_size(INPUT_SIZE.value, "input_size")
     if MODEL.value:
         model = load_segmentation_model(MODEL.value)
         name = os.path.basename(MODEL.value)

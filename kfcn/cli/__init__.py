@@ -3,7 +3,7 @@
     kfcn train     trains an FCN (flags or --config FILE), resumable from its model_dir
     kfcn evaluate  the paper's four metrics of a model on a dataset split
     kfcn predict   class maps and overlays for image files, folders or globs
-    kfcn export    SavedModel, TF Serving directory or TFLite file
+    kfcn export    SavedModel, TF Serving directory, TFLite or ONNX file
     kfcn demo      trains FCN-32s/16s/8s on generated data and shows what they do
 
 Each subcommand is a module of this package with `HELP` (one line),
@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("kfcn.cli.train", "Train an FCN; resumes from --model_dir."),
     "evaluate": ("kfcn.cli.evaluate", "Evaluate a model on a dataset split (the paper's metrics)."),
     "predict": ("kfcn.cli.predict", "Segment image files, folders or globs."),
-    "export": ("kfcn.cli.export", "Export to SavedModel, TF Serving or TFLite."),
+    "export": ("kfcn.cli.export", "Export to SavedModel, TF Serving, TFLite or ONNX."),
     "demo": ("kfcn.cli.demo", "Train FCN-32s/16s/8s on generated data and show the results."),
 }
 
