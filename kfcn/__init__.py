@@ -18,6 +18,10 @@ import wrapt
 
 __version__ = "0.1.0"
 
+#: The paper's three nets (Long et al., Sec. 4.2), coarse to fine. Defined here, where
+#: importing it costs nothing, so the command line can offer it without loading Keras.
+VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
+
 _LAZY_ATTRS = {
     "build_fcn": "kfcn.fcn",
     "build_fcn32s": "kfcn.fcn",
@@ -42,7 +46,7 @@ _LAZY_MODULES = (
     "training",
 )
 
-__all__ = sorted(_LAZY_ATTRS) + list(_LAZY_MODULES)
+__all__ = ["VARIANTS", *sorted(_LAZY_ATTRS), *_LAZY_MODULES]
 
 
 #: Modules whose import registers kfcn's Keras classes (`register_keras_serializable`).

@@ -25,13 +25,11 @@ import os
 
 import keras
 
-from kfcn import backbones, geometry, surgery
+from kfcn import VARIANTS, backbones, geometry, surgery
 from kfcn.bilinear import BilinearInitializer
 from kfcn.layers import AlignCrop, FullyConnectedConv2D, PadToMultiple, Preprocess, Scale
 
 logger = logging.getLogger(__name__)
-
-VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 
 # Skip strides each variant fuses, coarse to fine, and its final upsampling.
 _SKIPS = {"fcn32s": (), "fcn16s": (16,), "fcn8s": (16, 8)}

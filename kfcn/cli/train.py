@@ -27,6 +27,7 @@ import os
 import sys
 from typing import Any
 
+from kfcn import VARIANTS
 from kfcn.cli.args import (
     add_bool,
     existing_path,
@@ -143,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(
         "backbone", "Backbone (kfcn.backbones), e.g. vgg16, resnet50, mobilenetv2.", metavar="NAME"
     )
-    flag("variant", "FCN variant: fcn32s, fcn16s or fcn8s.", metavar="NAME")
+    flag("variant", "FCN variant (the paper's three nets).", choices=VARIANTS)
     flag(
         "weights",
         "Backbone weights: none, imagenet (downloaded once) or a Keras "
