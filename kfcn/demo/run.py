@@ -77,7 +77,7 @@ class DemoSettings:
     image_size: int = 128
     num_train: int = 400
     num_val: int = 80
-    stage_steps: tuple[int, int, int] = (900, 450, 600)
+    stage_steps: tuple[int, int, int] = (800, 400, 500)
     batch_size: int = 8
     crop_size: int = 96
     optimizer: str = "adam"
