@@ -4,7 +4,7 @@ Keras Applications' smallest trunks train too slowly for a five-minute demo on t
 CPU cores: at 128x128, batch 16, MobileNetV2 runs about 26 images/s and takes 18 s
 to build and trace each of the three stages. This trunk has VGG's shape (3x3
 convolutions, one downsampling per stage, the stride-8/16/32 features feeding
-FCN's skips) in about 0.3 M parameters and trains several times faster. It holds
+FCN's skips) in 0.46 M parameters and trains several times faster. It holds
 only standard Keras layers, so a model built on it saves, loads (safe mode) and
 exports like any other kfcn model.
 """
