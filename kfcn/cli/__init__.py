@@ -27,6 +27,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kfcn.cli.args import normalize_bools
 from kfcn.cli.errors import FAILURE_EXIT_CODE, USAGE_EXIT_CODE, UsageError
 
 #: Subcommand name -> (module, one-line help). Modules are imported on use only.
@@ -44,6 +45,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         raise UsageError(message)
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse's
+        if args is not None:
+            args = normalize_bools(self._actions, list(args))
+        return super().parse_known_args(args, namespace)
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
         # argparse turns a `type=` function's ValueError into "invalid <type> value";

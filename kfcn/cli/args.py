@@ -107,23 +107,42 @@ def parse_bool(text: str | bool, flag: str = "flag") -> bool:
 
 
 def add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
-    """Adds an absl-style boolean: `--name`, `--noname`, `--name=true|false`."""
+    """Adds an absl-style boolean: `--name`, `--noname`, `--name=true|false`.
 
-    def parse(text: str) -> bool:
-        return parse_bool(text, name)
-
-    parse.__name__ = "bool"
+    `--name` takes no separate value (as in absl), so `--probabilities image.png`
+    leaves `image.png` a positional argument; `--name=false` is rewritten to
+    `--noname` by `normalize_bools` before parsing.
+    """
     group = parser.add_mutually_exclusive_group()
-    group.add_argument(
+    action = group.add_argument(
         f"--{name}",
-        nargs="?",
-        const=True,
+        action="store_true",
         default=default,
-        type=parse,
-        metavar="BOOL",
-        help=f"{help} (default: %(default)s; --no{name} to disable)",
+        help=f"{help} (default: %(default)s; --no{name} or --{name}=false to disable)",
     )
+    action.kfcn_bool = True
     group.add_argument(f"--no{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def normalize_bools(actions: list[argparse.Action], argv: list[str]) -> list[str]:
+    """Rewrites `--name=VALUE` of `add_bool` flags as `--name` or `--noname`.
+
+    Raises:
+        UsageError: naming the flag when VALUE is not a boolean spelling.
+    """
+    names = {
+        option[2:]
+        for action in actions
+        if getattr(action, "kfcn_bool", False)
+        for option in action.option_strings
+    }
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if sep and flag.startswith("--") and flag[2:] in names:
+            arg = flag if parse_bool(value, flag[2:]) else f"--no{flag[2:]}"
+        out.append(arg)
+    return out
 
 
 def existing_path(flag: str):

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from kfcn import VARIANTS
 from kfcn.demo import synthetic
 
-VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 TITLES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s"}
 #: The kfcn.metrics.scores keys shown in the table, with their headings.
 TABLE_COLUMNS = (
