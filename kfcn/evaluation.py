@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from kfcn import metrics
-from kfcn.files import write_text_atomically
+from kfcn.files import json_safe, write_text_atomically
 from kfcn.layers import IMAGENET_MEAN_RGB
 
 __all__ = [
@@ -529,17 +529,7 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; undefined scores become null
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_results_json(results: dict[str, Any], path: str | os.PathLike) -> None:
     """Writes `evaluate`'s results as JSON (atomically), NaN (undefined scores) as null."""
-    text = json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n"
     write_text_atomically(text, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -111,9 +112,24 @@ def write_text_atomically(text: str, path: str | os.PathLike) -> None:
             f.write(text)
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats (undefined scores, see `kfcn.metrics.scores`) as None.
+
+    JSON has no NaN; `json.dumps` would write the non-standard `NaN` token.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def write_json_atomically(obj: Any, path: str | os.PathLike) -> None:
-    """Writes `obj` as indented, key-sorted JSON to `path`, atomically."""
-    write_text_atomically(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+    """Writes `obj` as indented, key-sorted JSON to `path`, atomically; NaN as null."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+    write_text_atomically(text + "\n", path)
 
 
 def save_model_atomically(model: Any, path: str | os.PathLike) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import time
@@ -307,17 +306,6 @@ def score_models(
     return scores, examples, confusion
 
 
-def _json_values(value: Any) -> Any:
-    """`value` with NaN (an undefined score, see `kfcn.metrics.scores`) as None (null)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_values(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_values(item) for item in value]
-    return value
-
-
 def format_table(scores: dict[str, dict[str, Any]]) -> str:
     """The paper's four metrics per variant (percent), as a text table (cf. its Table 2)."""
     header = f"{'':<8}" + "".join(f"{title:>12}" for _, title in TABLE_COLUMNS)
@@ -520,7 +508,7 @@ def run_demo(
         scores, examples, confusion = score_models(
             models, data_dir, settings.figure_images, progress
         )
-        files.write_json_atomically(_json_values(scores), metrics_path)
+        files.write_json_atomically(scores, metrics_path)
     with stage("pictures", "Drawing Figure 2, the confusion matrix and the training curves"):
         pictures = draw_pictures(output_dir, runs_dir, data_dir, examples, confusion)
     with stage("export", "Exporting FCN-8s (SavedModel, float16 TFLite), running kfcn predict"):

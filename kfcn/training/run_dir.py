@@ -172,14 +172,4 @@ class RunDirectory:
     def write_result(self, result: FitResult) -> None:
         """Writes result.json (chief only); NaN scores become null."""
         if self.is_chief:
-            files.write_json_atomically(_json_safe(result.to_dict()), self.result_path)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and value != value:  # NaN: undefined score
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+            files.write_json_atomically(result.to_dict(), self.result_path)
