@@ -74,8 +74,7 @@ _CITYSCAPES = (
 )
 
 # SegNet's CamVid colours (Sky, Building, Pole, Road, Pavement, Tree, SignSymbol,
-# Fence, Car, Pedestrian, Bicyclist) and void (11) black. kfcn.data.listfile keeps
-# the 11 class colours beside the CamVid reader; the test checks the two agree.
+# Fence, Car, Pedestrian, Bicyclist) and void (11) black.
 _CAMVID = (
     (128, 128, 128),
     (128, 0, 0),

@@ -56,12 +56,6 @@ def test_named_palettes_have_published_colours(name, length, published):
         assert tuple(colours[index]) == rgb, (name, index)
 
 
-def test_camvid_palette_agrees_with_the_camvid_reader():
-    from kfcn.data.listfile import CAMVID_PALETTE
-
-    np.testing.assert_array_equal(visualize.palette("camvid")[:11], CAMVID_PALETTE)
-
-
 @pytest.mark.parametrize("count", [1, 2, 12, 150, 256])
 def test_generic_palette_colours_are_distinct(count):
     colours = visualize.palette(count)

@@ -52,7 +52,6 @@ __all__ = [
     "CAMVID_CLASS_NAMES",
     "CAMVID_IGNORE_LABEL",
     "CAMVID_NUM_CLASSES",
-    "CAMVID_PALETTE",
     "CAMVID_VOID_LABEL",
     "ListItem",
     "load_camvid",
@@ -76,20 +75,6 @@ CAMVID_CLASS_NAMES = (
 CAMVID_NUM_CLASSES = 11
 CAMVID_VOID_LABEL = 11
 CAMVID_IGNORE_LABEL = 255
-# Customary colours (RGB) of the classes, for visualisation; void is black.
-CAMVID_PALETTE = (
-    (128, 128, 128),
-    (128, 0, 0),
-    (192, 192, 128),
-    (128, 64, 128),
-    (60, 40, 222),
-    (128, 128, 0),
-    (192, 128, 128),
-    (64, 64, 128),
-    (64, 0, 128),
-    (64, 64, 0),
-    (0, 128, 192),
-)
 
 _ON_ERROR = ("raise", "skip")
 _VALIDATE = ("none", "header", "full")
