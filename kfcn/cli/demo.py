@@ -17,10 +17,10 @@ writes into --output_dir:
   predictions/         kfcn predict's class maps with each export
   data/, runs/         the generated dataset (folder layout) and the three runs
 
-and prints how often the exports' class maps agree with the Keras model's. Four to
-five minutes on two CPU cores; --quick runs the same path on a few images in
-under a minute (its scores mean nothing). --output_dir must be new, empty or an
-earlier demo's (whose files are replaced).
+and prints how often the exports' class maps agree with the Keras model's. About
+2.5 minutes on two quiet CPU cores (4.5 on a busy machine); --quick runs the
+same path on a few images in under a minute (its scores mean nothing).
+--output_dir must be new, empty or an earlier demo's (whose files are replaced).
 """
 
 from __future__ import annotations
