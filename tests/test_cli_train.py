@@ -220,6 +220,13 @@ def test_usage_errors_are_one_line_before_tensorflow(tmp_path, folder, args, cod
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_missing_model_dir_is_a_usage_error(tmp_path):
+    """Nothing may start without a run directory (TrainConfig has no default for it)."""
+    process = _run(["train", "--dataset=camvid"], cwd=tmp_path)
+    assert process.returncode == 2, process.stderr[-3000:]
+    assert "--model_dir is required" in _error_line(process)
+
+
 def test_bad_config_file_names_the_setting(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model_dir: run\ncrop: [3, 4]\n")

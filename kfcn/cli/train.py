@@ -47,7 +47,11 @@ HELP = "Train an FCN; resumes from --model_dir."
 #: Exit status when a peer worker died (the process leaves with os._exit).
 PEER_FAILURE_EXIT_CODE = 4
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+# Required settings (model_dir) have no default: None, so the "is required" check fires.
+_DEFAULTS = {
+    f.name: None if f.default is dataclasses.MISSING else f.default
+    for f in dataclasses.fields(TrainConfig)
+}
 # As typed on the command line (argparse parses string defaults with the flag's type).
 _DEFAULTS.update(
     crop_size="x".join(map(str, _DEFAULTS["crop_size"])),
