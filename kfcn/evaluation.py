@@ -180,6 +180,41 @@ def predict_slide(
     Returns:
         float32 logits [H, W, C].
     """
+    batch = _image_batch(image)
+
+    def logits(windows: np.ndarray) -> np.ndarray:
+        out = _forward(model, tf.constant(windows)).numpy()
+        if num_classes is not None and out.shape[-1] != num_classes:
+            raise ValueError(
+                f"`model` outputs {out.shape[-1]} classes but num_classes={num_classes}"
+            )
+        return out
+
+    return tf.constant(slide_scores(logits, batch[0].numpy(), crop_size, stride, batch_size))
+
+
+def slide_scores(
+    scores: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    crop_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    batch_size: int = 4,
+) -> np.ndarray:
+    """The sliding window of `predict_slide` over any `scores(windows)` function.
+
+    The one implementation of the windows, padding and averaging, shared by
+    `predict_slide` (Keras models) and `kfcn.predict` (SavedModel and TFLite).
+
+    Args:
+        scores: float32 [b, crop_h, crop_w, 3] -> float32 [b, crop_h, crop_w, C].
+        image: [H, W, 3] RGB, 0..255.
+        crop_size: Window size, int or (height, width).
+        stride: Window step; default 2/3 of `crop_size` (rounded up).
+        batch_size: Windows per `scores` call.
+
+    Returns:
+        float32 [H, W, C]: per pixel, the mean over the windows covering it.
+    """
     crop_h, crop_w = _pair(crop_size, "crop_size")
     if stride is None:
         stride = (math.ceil(crop_h * 2 / 3), math.ceil(crop_w * 2 / 3))
@@ -191,36 +226,27 @@ def predict_slide(
         )
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
-    batch = _image_batch(image)
-    height, width = int(batch.shape[1]), int(batch.shape[2])
-    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
-    if pad_h or pad_w:
-        # Zero-pad the image minus the pad colour, then add it back: pads with PAD_RGB.
-        pad_rgb = tf.constant(PAD_RGB, tf.float32)
-        batch = tf.pad(batch - pad_rgb, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]]) + pad_rgb
-    full_h, full_w = height + pad_h, width + pad_w
+    height, width = image.shape[:2]
+    full_h, full_w = max(height, crop_h), max(width, crop_w)
+    padded = np.empty((full_h, full_w, 3), np.float32)
+    padded[...] = np.asarray(PAD_RGB, np.float32)
+    padded[:height, :width] = image
     boxes = [
         (y, x)
         for y in _window_starts(full_h, crop_h, stride_h)
         for x in _window_starts(full_w, crop_w, stride_w)
     ]
-    logits_sum = None
+    total = None
     count = np.zeros((full_h, full_w, 1), np.float32)
     for first in range(0, len(boxes), batch_size):
         chunk = boxes[first : first + batch_size]
-        windows = tf.concat([batch[:, y : y + crop_h, x : x + crop_w] for y, x in chunk], 0)
-        out = _forward(model, windows).numpy()
-        if logits_sum is None:
-            channels = out.shape[-1]
-            if num_classes is not None and channels != num_classes:
-                raise ValueError(
-                    f"`model` outputs {channels} classes but num_classes={num_classes}"
-                )
-            logits_sum = np.zeros((full_h, full_w, channels), np.float32)
+        out = scores(np.stack([padded[y : y + crop_h, x : x + crop_w] for y, x in chunk]))
+        if total is None:
+            total = np.zeros((full_h, full_w, out.shape[-1]), np.float32)
         for (y, x), window in zip(chunk, out, strict=True):
-            logits_sum[y : y + crop_h, x : x + crop_w] += window
+            total[y : y + crop_h, x : x + crop_w] += window
             count[y : y + crop_h, x : x + crop_w] += 1.0
-    return tf.constant((logits_sum / count)[:height, :width])
+    return (total / count)[:height, :width]
 
 
 def predict_msflip(

@@ -44,7 +44,6 @@ import dataclasses
 import glob
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -372,19 +371,6 @@ def load_predictor(path: str | os.PathLike, num_threads: int | None = None) -> P
 # --------------------------------------------------------------------------- inference
 
 
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    last = max(length - window, 0)
-    starts = list(range(0, last + 1, stride))
-    if starts[-1] != last:
-        starts.append(last)
-    return starts
-
-
-def default_stride(tile: tuple[int, int]) -> tuple[int, int]:
-    """2/3 of the tile (rounded up), as `kfcn.evaluation.predict_slide`."""
-    return math.ceil(tile[0] * 2 / 3), math.ceil(tile[1] * 2 / 3)
-
-
 def tile_scores(
     scores: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
@@ -392,55 +378,14 @@ def tile_scores(
     stride: tuple[int, int] | None = None,
     batch_size: int = 4,
 ) -> np.ndarray:
-    """Sliding-window scores of one image over any `scores(batch)` function.
+    """Sliding-window scores [H, W, C] of one image over any `scores(batch)` function.
 
-    The image is padded at the bottom/right with the ImageNet mean colour to at
-    least `tile`; windows start every `stride` pixels plus one flush with the
-    bottom/right edge; each pixel's scores are the mean over the windows covering
-    it; the padding is cut away. The same computation as
-    `kfcn.evaluation.predict_slide`, for models that are not Keras models.
-
-    Args:
-        scores: float32 [b, th, tw, 3] -> float32 [b, th, tw, C].
-        image: [H, W, 3] RGB, 0..255.
-        tile: Window (height, width).
-        stride: Window step (height, width); default `default_stride(tile)`.
-        batch_size: Windows per `scores` call.
-
-    Returns:
-        float32 [H, W, C].
+    `kfcn.evaluation.slide_scores`, the computation of `predict_slide`, for models
+    that are not Keras models (imported here on use: it loads TensorFlow).
     """
-    from kfcn.layers import IMAGENET_MEAN_RGB
+    from kfcn.evaluation import slide_scores
 
-    tile_h, tile_w = tile
-    stride_h, stride_w = stride or default_stride(tile)
-    if stride_h > tile_h or stride_w > tile_w or min(stride_h, stride_w) < 1:
-        raise ValueError(
-            f"`stride` must be within 1..tile (windows would skip pixels). "
-            f"Received: stride={(stride_h, stride_w)}, tile={tile}"
-        )
-    height, width = image.shape[:2]
-    full_h, full_w = max(height, tile_h), max(width, tile_w)
-    padded = np.empty((full_h, full_w, 3), np.float32)
-    padded[...] = np.asarray(IMAGENET_MEAN_RGB, np.float32)
-    padded[:height, :width] = image
-    boxes = [
-        (y, x)
-        for y in _window_starts(full_h, tile_h, stride_h)
-        for x in _window_starts(full_w, tile_w, stride_w)
-    ]
-    total = None
-    count = np.zeros((full_h, full_w, 1), np.float32)
-    for first in range(0, len(boxes), batch_size):
-        chunk = boxes[first : first + batch_size]
-        windows = np.stack([padded[y : y + tile_h, x : x + tile_w] for y, x in chunk])
-        out = scores(windows)
-        if total is None:
-            total = np.zeros((full_h, full_w, out.shape[-1]), np.float32)
-        for (y, x), window in zip(chunk, out, strict=True):
-            total[y : y + tile_h, x : x + tile_w] += window
-            count[y : y + tile_h, x : x + tile_w] += 1.0
-    return (total / count)[:height, :width]
+    return slide_scores(scores, image, tile, stride, batch_size)
 
 
 def check_tile(predictor: Predictor, tile: tuple[int, int] | None) -> None:
