@@ -53,9 +53,6 @@ def check_input_size(
     return height, width
 
 
-# Deprecated name of `check_input_size` (bench/ scripts still call it).
-parse_input_size = check_input_size
-
 
 def check_segmentation_model(model, source: str = "model", require_kfcn: bool = True) -> int:
     """Checks that a Keras model follows the kfcn contract.
