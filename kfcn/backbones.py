@@ -12,6 +12,7 @@ a model is built.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import keras
 
@@ -22,10 +23,12 @@ STRIDES = (8, 16, 32)
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one Keras Applications backbone.
+    """How to build one backbone: a Keras Applications classifier or one of kfcn's own.
 
     Attributes:
-        constructor: Name of the `keras.applications` function.
+        constructor: Name of the constructor in `module` (a function with
+            Keras Applications' arguments: `include_top`, `weights`,
+            `input_shape`, `classes`).
         preprocessing: `kfcn.layers.Preprocess` mode ("none" when the
             application normalises its input itself).
         taps: Layer names keyed by stride, or None to find taps by graph position.
@@ -37,6 +40,12 @@ class BackboneSpec:
     preprocessing: str
     taps: dict[int, str] | None = None
     fc_layers: tuple[str, ...] = ()
+    module: str = "keras.applications"
+
+
+def constructor_of(spec: BackboneSpec):
+    """The classifier constructor a spec names (Keras Applications' or kfcn's own)."""
+    return getattr(importlib.import_module(spec.module), spec.constructor)
 
 
 # Each tap is the full-width feature map a stage leaves at that stride, as the
@@ -134,7 +143,7 @@ def get_spec(name: str) -> BackboneSpec:
 
 def build_trunk(spec: BackboneSpec, channels: int = 3) -> keras.Model:
     """The application without its classifier, for images of any size."""
-    constructor = getattr(keras.applications, spec.constructor)
+    constructor = constructor_of(spec)
     return constructor(include_top=False, weights=None, input_shape=(None, None, channels))
 
 
@@ -178,7 +187,7 @@ def build_classifier(spec: BackboneSpec, weights: str) -> keras.Model:
         WeightsUnavailableError: If `weights="imagenet"` cannot be downloaded.
         ValueError: If the weights file does not exist or does not fit.
     """
-    constructor = getattr(keras.applications, spec.constructor)
+    constructor = constructor_of(spec)
     try:
         return constructor(include_top=True, weights=weights)
     except Exception as error:
