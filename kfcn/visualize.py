@@ -9,6 +9,11 @@ Palettes (`palette`), uint8 RGB rows indexed by class id:
 - ``"cityscapes"``: the 19 train ids' colours from cityscapesScripts' `labels.py`
   (road (128, 64, 128), ..., bicycle (119, 11, 32)).
 - ``"ade20k"``: the 150-class ADE20K (SceneParsing) palette that mmsegmentation uses.
+- ``"nyud"``, ``"siftflow"``: NYUDv2's 40 classes and SIFT Flow's 33 semantic classes,
+  which have no colours of their own: the VOC colour map's rows 1..40 / 1..33 (VOC's black
+  background row skipped, since neither dataset has a background class).
+- ``"siftflow_geo"``: SIFT Flow's 3 geometric classes: sky (70, 130, 180), horizontal
+  (128, 64, 128), vertical (102, 102, 156) (Cityscapes' sky, road and wall colours).
 - ``"generic"`` or a number of classes: distinct colours for any number of classes
   (hues spaced by the golden angle, cycling through three saturation/value levels).
 
@@ -45,7 +50,7 @@ from kfcn.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
-PALETTES = ("voc", "camvid", "cityscapes", "ade20k", "generic")
+PALETTES = ("voc", "camvid", "cityscapes", "ade20k", "nyud", "siftflow", "siftflow_geo", "generic")
 
 #: Colour of class ids outside the palette (e.g. the ignore label 255 with a short palette).
 OUT_OF_PALETTE_RGB = (255, 255, 255)
@@ -163,6 +168,8 @@ def _named_palette(name: str) -> np.ndarray:
     if name == "ade20k":
         rows = [[int(v) for v in rgb.split(",")] for rgb in _ADE20K_FLAT.split()]
         return np.asarray(rows, np.uint8)
+    if name in _APPENDED_PALETTES:
+        return _APPENDED_PALETTES[name]()
     raise ValueError(f"Unknown palette. Expected one of {PALETTES}. Received: {name!r}")
 
 
@@ -170,12 +177,13 @@ def palette(name_or_num_classes: str | int, num_classes: int | None = None) -> n
     """A colour palette: row i is the RGB colour of class i.
 
     Args:
-        name_or_num_classes: "voc", "camvid", "cityscapes", "ade20k", "generic", or
-            a number of classes (the generic palette of that length).
+        name_or_num_classes: "voc", "camvid", "cityscapes", "ade20k", "nyud", "siftflow",
+            "siftflow_geo", "generic", or a number of classes (the generic palette of that
+            length).
         num_classes: Length of the result. A named palette is cut to it, or extended
             with generic colours not already in it; "generic" needs it. Default: the
             named palette's own length (voc 256, camvid 12 with void, cityscapes 19,
-            ade20k 150).
+            ade20k 150, nyud 40, siftflow 33, siftflow_geo 3).
 
     Returns:
         uint8 array (N, 3).
@@ -630,3 +638,12 @@ def figure_grid(rows: list[list[np.ndarray]], column_titles: list[str], path: st
             if r == 0:
                 axes.set_title(column_titles[c], fontsize=11)
     _save_png(figure, path)
+
+
+# NYUDv2 (40 classes) and SIFT Flow (33 semantic, 3 geometric): see the module docstring.
+_SIFTFLOW_GEO = ((70, 130, 180), (128, 64, 128), (102, 102, 156))  # sky, horizontal, vertical
+_APPENDED_PALETTES = {
+    "nyud": lambda: _voc_palette(41)[1:],
+    "siftflow": lambda: _voc_palette(34)[1:],
+    "siftflow_geo": lambda: np.asarray(_SIFTFLOW_GEO, np.uint8),
+}
