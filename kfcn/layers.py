@@ -3,13 +3,14 @@
 None of them has weights, so they add no parameters to the paper's counts, and
 none is a `Lambda`, so `keras.saving.load_model` works with `safe_mode=True`.
 Every op they emit is one the TFLite GPU delegate runs (CONV_2D, ADD, SUB, PAD,
-STRIDED_SLICE without shrink masks, MUL).
+STRIDED_SLICE without shrink masks, MUL, RESIZE_BILINEAR with half-pixel centres).
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
@@ -247,3 +248,27 @@ class FullyConnectedConv2D(keras.layers.Conv2D):
         stacked = ops.concatenate(windows, axis=-1)
         flat = ops.reshape(kernel, (1, 1, -1, kernel.shape[-1]))
         return ops.conv(stacked, flat, strides=1, padding="valid")
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class ResizeLike(keras.layers.Layer):
+    """Bilinearly resizes a map to the height and width of a reference map.
+
+    mmsegmentation's `resize(..., size=img.shape[2:], mode="bilinear",
+    align_corners=False)`: called on `[x, reference]`, it returns `x` resized to
+    the reference's (dynamic) size with half-pixel centres, PyTorch's
+    `F.interpolate(align_corners=False)` and TensorFlow's `tf.image.resize`
+    (no antialiasing). One RESIZE_BILINEAR op in TFLite (half_pixel_centers=True,
+    align_corners=False), which the GPU delegate runs. `keras.ops.image.resize`
+    needs a static size, hence TensorFlow's op.
+    """
+
+    def call(self, inputs):
+        x, reference = inputs
+        size = tf.shape(reference)[1:3]
+        x = tf.image.resize(x, size, method="bilinear", antialias=False)
+        return ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        x_shape, reference_shape = input_shape
+        return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[3])
