@@ -9,6 +9,8 @@ Palettes (`palette`), uint8 RGB rows indexed by class id:
 - ``"cityscapes"``: the 19 train ids' colours from cityscapesScripts' `labels.py`
   (road (128, 64, 128), ..., bicycle (119, 11, 32)).
 - ``"ade20k"``: the 150-class ADE20K (SceneParsing) palette that mmsegmentation uses.
+- ``"pascal_context"``, ``"pascal_context59"``: mmsegmentation's PASCAL-Context palettes,
+  the ADE20K palette's rows 0..59 (60 classes, background first) and 1..59 (59 classes).
 - ``"nyud"``, ``"siftflow"``: NYUDv2's 40 classes and SIFT Flow's 33 semantic classes,
   which have no colours of their own: the VOC colour map's rows 1..40 / 1..33 (VOC's black
   background row skipped, since neither dataset has a background class).
@@ -50,7 +52,18 @@ from kfcn.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
-PALETTES = ("voc", "camvid", "cityscapes", "ade20k", "nyud", "siftflow", "siftflow_geo", "generic")
+PALETTES = (
+    "voc",
+    "camvid",
+    "cityscapes",
+    "ade20k",
+    "pascal_context",
+    "pascal_context59",
+    "nyud",
+    "siftflow",
+    "siftflow_geo",
+    "generic",
+)
 
 #: Colour of class ids outside the palette (e.g. the ignore label 255 with a short palette).
 OUT_OF_PALETTE_RGB = (255, 255, 255)
@@ -177,13 +190,14 @@ def palette(name_or_num_classes: str | int, num_classes: int | None = None) -> n
     """A colour palette: row i is the RGB colour of class i.
 
     Args:
-        name_or_num_classes: "voc", "camvid", "cityscapes", "ade20k", "nyud", "siftflow",
-            "siftflow_geo", "generic", or a number of classes (the generic palette of that
-            length).
+        name_or_num_classes: "voc", "camvid", "cityscapes", "ade20k", "pascal_context",
+            "pascal_context59", "nyud", "siftflow", "siftflow_geo", "generic", or a number of
+            classes (the generic palette of that length).
         num_classes: Length of the result. A named palette is cut to it, or extended
             with generic colours not already in it; "generic" needs it. Default: the
             named palette's own length (voc 256, camvid 12 with void, cityscapes 19,
-            ade20k 150, nyud 40, siftflow 33, siftflow_geo 3).
+            ade20k 150, pascal_context 60, pascal_context59 59, nyud 40, siftflow 33,
+            siftflow_geo 3).
 
     Returns:
         uint8 array (N, 3).
@@ -646,4 +660,7 @@ _APPENDED_PALETTES = {
     "nyud": lambda: _voc_palette(41)[1:],
     "siftflow": lambda: _voc_palette(34)[1:],
     "siftflow_geo": lambda: np.asarray(_SIFTFLOW_GEO, np.uint8),
+    # mmsegmentation's PascalContextDataset / PascalContextDataset59 palettes.
+    "pascal_context": lambda: _named_palette("ade20k")[:60],
+    "pascal_context59": lambda: _named_palette("ade20k")[1:60],
 }
