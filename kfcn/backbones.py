@@ -17,6 +17,7 @@ import importlib
 import keras
 
 from kfcn import geometry
+from kfcn.models.torch_weights import load_torch_state_dict  # noqa: F401 (re-exported)
 
 STRIDES = (8, 16, 32)
 
@@ -123,6 +124,20 @@ BACKBONES: dict[str, BackboneSpec] = {
         "tf",
         {8: "block4_sepconv2_bn", 16: "block13_sepconv2_bn", 32: "block14_sepconv2_act"},
     ),
+    # kfcn's own ResNets (torchvision's / mmseg's V1b and V1c, kfcn.models.resnet):
+    # ImageNet mean and std on RGB ("torch" is mmseg's mean 123.675, 116.28, 103.53
+    # and std 58.395, 57.12, 57.375 on 0..255), taps at the stage outputs.
+    **{
+        f"resnet{depth}{stem}": BackboneSpec(
+            f"ResNet{depth}{stem.capitalize()}",
+            "torch",
+            {8: "layer2_out", 16: "layer3_out", 32: "layer4_out"},
+            (),
+            module="kfcn.models.resnet",
+        )
+        for stem in ("v1b", "v1c")
+        for depth in (18, 34, 50, 101, 152)
+    },
 }
 
 
@@ -246,3 +261,4 @@ def resolve_taps(model: keras.Model, names: dict[int, str] | None) -> dict[int, 
             )
         taps[stride] = (tensor, geo)
     return taps
+
