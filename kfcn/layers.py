@@ -272,3 +272,115 @@ class ResizeLike(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         x_shape, reference_shape = input_shape
         return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[3])
+
+
+def _int_pair(value) -> tuple[int, int]:
+    if np.isscalar(value):
+        return (int(value), int(value))
+    return (int(value[0]), int(value[1]))
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class DilatedPooling2D(keras.layers.Layer):
+    """Max or average pooling with a dilated window and explicit padding.
+
+    Keras' pooling layers have no dilation rate; filter rarefaction
+    (`kfcn.dilate`, Long et al. section 3.2) needs one for every pooling after
+    the output stride, as DeepLab's dilated max pooling. The window is the
+    maximum (or mean) of ``pool_size`` strided slices, so the layer emits only
+    PAD, STRIDED_SLICE, MAXIMUM/ADD and MUL. Padded positions never count, as in
+    Keras' "same" pooling: the maximum is over real values (padding takes the
+    dtype's lowest finite value) and the mean divides by the number of real
+    values in the window.
+
+    Args:
+        pool_type: "max" or "avg".
+        pool_size: Window size `(rows, cols)`.
+        strides: `(rows, cols)`; strides above 1 need a dilation rate of 1.
+        dilation_rate: `(rows, cols)`, spacing between the window's taps.
+        padding: `((top, bottom), (left, right))` positions padded before pooling.
+    """
+
+    def __init__(
+        self,
+        pool_type: str = "max",
+        pool_size=(2, 2),
+        strides=(1, 1),
+        dilation_rate=(1, 1),
+        padding=((0, 0), (0, 0)),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if pool_type not in ("max", "avg"):
+            raise ValueError(
+                f"`pool_type` must be 'max' or 'avg'. Received: pool_type={pool_type!r}"
+            )
+        self.pool_type = pool_type
+        self.pool_size = _int_pair(pool_size)
+        self.strides = _int_pair(strides)
+        self.dilation_rate = _int_pair(dilation_rate)
+        self.padding = tuple(_int_pair(p) for p in padding)
+        if min(*self.pool_size, *self.strides, *self.dilation_rate) < 1 or min(
+            *self.padding[0], *self.padding[1]
+        ) < 0:
+            raise ValueError(
+                "`pool_size`, `strides` and `dilation_rate` must be >= 1 and `padding` >= 0. "
+                f"Received: pool_size={self.pool_size}, strides={self.strides}, "
+                f"dilation_rate={self.dilation_rate}, padding={self.padding}"
+            )
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                "`strides` above 1 need `dilation_rate` 1. Received: "
+                f"strides={self.strides}, dilation_rate={self.dilation_rate}"
+            )
+
+    def _out_size(self, size, axis):
+        span = self.dilation_rate[axis] * (self.pool_size[axis] - 1) + 1
+        return (size + sum(self.padding[axis]) - span) // self.strides[axis] + 1
+
+    def _windows(self, x, rows, cols):
+        (sh, sw), (rh, rw) = self.strides, self.dilation_rate
+        for dy in range(self.pool_size[0]):
+            for dx in range(self.pool_size[1]):
+                top, left = dy * rh, dx * rw
+                yield x[
+                    :, top : top + (rows - 1) * sh + 1 : sh, left : left + (cols - 1) * sw + 1 : sw
+                ]
+
+    def call(self, x):
+        x = ops.cast(x, self.compute_dtype)
+        pads = [[0, 0], list(self.padding[0]), list(self.padding[1]), [0, 0]]
+        rows = self._out_size(ops.shape(x)[1], 0)
+        cols = self._out_size(ops.shape(x)[2], 1)
+        if self.pool_type == "max":
+            lowest = float(np.finfo(keras.backend.standardize_dtype(x.dtype)).min)
+            padded = ops.pad(x, pads, constant_values=lowest) if any(map(any, pads)) else x
+            out = None
+            for window in self._windows(padded, rows, cols):
+                out = window if out is None else ops.maximum(out, window)
+            return out
+        total, count = None, None
+        mask = ops.pad(ops.ones_like(x[:1, :, :, :1]), pads)
+        padded = ops.pad(x, pads)
+        for window, ones in zip(
+            self._windows(padded, rows, cols), self._windows(mask, rows, cols)
+        ):
+            total = window if total is None else total + window
+            count = ones if count is None else count + ones
+        return total / ops.maximum(count, 1.0)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        height = None if height is None else self._out_size(height, 0)
+        width = None if width is None else self._out_size(width, 1)
+        return (batch, height, width, channels)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "pool_type": self.pool_type,
+            "pool_size": list(self.pool_size),
+            "strides": list(self.strides),
+            "dilation_rate": list(self.dilation_rate),
+            "padding": [list(p) for p in self.padding],
+        }
