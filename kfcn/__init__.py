@@ -49,6 +49,7 @@ _LAZY_MODULES = (
     "layers",
     "losses",
     "metrics",
+    "modality",
     "models",
     "surgery",
     "training",
@@ -58,7 +59,13 @@ __all__ = ["VARIANTS", *sorted(_LAZY_ATTRS), *_LAZY_MODULES]
 
 
 #: Modules whose import registers kfcn's Keras classes (`register_keras_serializable`).
-_REGISTERING_MODULES = ("kfcn.layers", "kfcn.bilinear", "kfcn.losses", "kfcn.metrics")
+_REGISTERING_MODULES = (
+    "kfcn.layers",
+    "kfcn.bilinear",
+    "kfcn.losses",
+    "kfcn.metrics",
+    "kfcn.modality",
+)
 
 
 def _register_keras_classes(_keras: Any) -> None:
