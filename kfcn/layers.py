@@ -384,3 +384,87 @@ class DilatedPooling2D(keras.layers.Layer):
             "dilation_rate": list(self.dilation_rate),
             "padding": [list(p) for p in self.padding],
         }
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class LocalResponseNormalization(keras.layers.Layer):
+    """Caffe's LRN across channels (AlexNet's `norm1`/`norm2`, GoogLeNet's `pool1/norm1`).
+
+    ``y_c = x_c / (k + alpha / size * sum_{c'} x_{c'}**2) ** beta``, the sum over the
+    `size` channels centred on ``c`` (fewer at the first and last channels). Caffe
+    divides `alpha` by `size`; `tf.nn.local_response_normalization` does not (its
+    ``alpha`` is caffe's ``alpha / size``, its ``depth_radius`` is ``(size - 1) // 2``).
+    Krizhevsky, Sutskever, Hinton, "ImageNet Classification with Deep Convolutional
+    Neural Networks", NIPS 2012, section 3.3. The window sum is one fixed 1x1
+    convolution with a banded kernel (a CONV_2D in TFLite, as `Preprocess`).
+
+    Args:
+        size: Channels in the window, odd (caffe's `local_size`), default 5.
+        alpha: Caffe's `alpha` (divided by `size` here), default 1e-4.
+        beta: The exponent, default 0.75.
+        k: The additive constant, default 1.
+    """
+
+    def __init__(
+        self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+            raise ValueError(f"`size` must be an odd integer >= 1. Received: size={size!r}")
+        self.size = size
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.k = float(k)
+
+    def call(self, x):
+        channels = x.shape[-1]
+        half = (self.size - 1) // 2
+        index = np.arange(channels)
+        band = (np.abs(index[:, None] - index[None, :]) <= half).astype(np.float32)
+        kernel = ops.cast(band.reshape(1, 1, channels, channels), x.dtype)
+        window = ops.conv(ops.square(x), kernel, strides=1, padding="valid")
+        scale = self.k + (self.alpha / self.size) * window
+        return x * ops.power(scale, -self.beta)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "size": self.size,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "k": self.k,
+        }
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class GroupedConv2D(keras.layers.Conv2D):
+    """`keras.layers.Conv2D` with `groups`, run as one convolution per group.
+
+    The same layer, weights (kernel ``(kh, kw, in / groups, filters)``, output
+    channels grouped in order, as caffe's `group` and the AlexNet weight dumps
+    store them) and output as `keras.layers.Conv2D`. TensorFlow's CPU kernels
+    have no grouped convolution, so Keras compiles one with XLA (about 1.5x
+    slower than this on the 2-core test machine, and an XLA function in every
+    SavedModel); TFLite's GPU delegate has none either. Slicing the channels
+    and concatenating gives plain CONV_2D, STRIDED_SLICE and CONCATENATION ops.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if self.groups == 1:
+            return super().convolution_op(inputs, kernel)
+        width_in = inputs.shape[-1] // self.groups
+        width_out = self.filters // self.groups
+        outputs = [
+            ops.conv(
+                inputs[..., g * width_in : (g + 1) * width_in],
+                kernel[..., g * width_out : (g + 1) * width_out],
+                strides=self.strides,
+                padding=self.padding,
+                dilation_rate=self.dilation_rate,
+            )
+            for g in range(self.groups)
+        ]
+        return ops.concatenate(outputs, axis=-1)
