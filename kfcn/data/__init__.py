@@ -7,8 +7,10 @@ error naming the file. `kfcn.data.pipeline` turns such a dataset into training b
 scale, crop, flip) or evaluation images at native size.
 
 Datasets: "camvid" and "folder" (`kfcn.data.listfile`, list files of image/label pairs), "voc",
-"sbd" and "cityscapes" (`kfcn.data.voc`, `.sbd`, `.cityscapes`). Each loader module is imported
-only when its dataset is requested, so `import kfcn.data` does not import TensorFlow.
+"sbd" and "cityscapes" (`kfcn.data.voc`, `.sbd`, `.cityscapes`), "ade20k" (`kfcn.data.ade20k`,
+SceneParsing, 150 classes), "pascal_context" and "pascal_context59" (`kfcn.data.pascal_context`,
+mmsegmentation's layout, 60 or 59 classes). Each loader module is imported only when its dataset
+is requested, so `import kfcn.data` does not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ __all__ = [
 # Imported on first use (PEP 562) so that `import kfcn.data` does not import TensorFlow.
 _LAZY_ATTRS = {"train_pipeline": "kfcn.data.pipeline", "eval_pipeline": "kfcn.data.pipeline"}
 
-DATASETS = ("camvid", "folder", "voc", "sbd", "cityscapes")
 # Datasets whose loader module (written separately) exposes `load()` and the class constants.
 _MODULE_DATASETS = ("voc", "sbd", "cityscapes")
+# Datasets whose module's `load(split, data_dir, **kwargs)` returns (dataset, DatasetInfo):
+# name -> (module, fixed keyword arguments).
+_INFO_DATASETS = {
+    "ade20k": ("kfcn.data.ade20k", {}),
+    "pascal_context": ("kfcn.data.pascal_context", {"num_classes": 60}),
+    "pascal_context59": ("kfcn.data.pascal_context", {"num_classes": 59}),
+}
+DATASETS = ("camvid", "folder", *_MODULE_DATASETS, *_INFO_DATASETS)
 
 
 class DatasetNotReadyError(DataError):
@@ -60,6 +69,8 @@ class DatasetInfo:
         ignore_label: label value excluded from loss and metrics.
         class_names: one name per class, in index order.
         num_examples: number of elements in the split, or None when unknown.
+        palette: one (r, g, b) colour per class, or None (then `kfcn.metadata` picks the
+            colours of a dataset it knows by name, else generic ones).
     """
 
     name: str
@@ -67,6 +78,7 @@ class DatasetInfo:
     ignore_label: int
     class_names: tuple[str, ...]
     num_examples: int | None
+    palette: tuple[tuple[int, int, int], ...] | None = None
 
 
 def load_dataset(
@@ -75,13 +87,18 @@ def load_dataset(
     """Loads one split of a segmentation dataset.
 
     Args:
-        name: one of "camvid", "folder", "voc", "sbd", "cityscapes".
+        name: one of "camvid", "folder", "voc", "sbd", "cityscapes", "ade20k",
+            "pascal_context", "pascal_context59".
         split: split name, e.g. "train", "val" (CamVid also "test" when root/test.txt exists).
         data_dir: dataset root. For "camvid" the folder holding train.txt/val.txt (SegNet
-            layout); for "folder" the folder holding `<split>.txt` (or pass `list_file=`).
+            layout); for "folder" the folder holding `<split>.txt` (or pass `list_file=`);
+            for "ade20k" the `ADEChallengeData2016` folder (or its parent); for
+            "pascal_context*" the `VOCdevkit/VOC2010` folder (or `VOCdevkit`, or its parent).
+            None: `$KFCN_DATA_DIR` (for "camvid" `$KFCN_DATA_DIR/camvid`).
         **kwargs: passed to the loader: for "camvid"/"folder" see
             `kfcn.data.listfile.load_camvid` / `load_folder` (e.g. `on_error="skip"`,
-            `num_classes=` for folder); for "voc"/"sbd"/"cityscapes" e.g. `manual_dir=`.
+            `num_classes=` for folder); for "voc"/"sbd"/"cityscapes" e.g. `manual_dir=`;
+            for "ade20k"/"pascal_context*" `on_error=`, `validate=`.
 
     Returns:
         (dataset, info): dataset of {"image", "label", "name"} dicts and its `DatasetInfo`.
@@ -102,6 +119,9 @@ def load_dataset(
 
         loader = listfile.load_camvid if name == "camvid" else listfile.load_folder
         return loader(split, data_dir=data_dir, **kwargs)
+    if name in _INFO_DATASETS:
+        module_name, fixed = _INFO_DATASETS[name]
+        return importlib.import_module(module_name).load(split, data_dir, **fixed, **kwargs)
     if name in _MODULE_DATASETS:
         module = importlib.import_module(f"kfcn.data.{name}")
         try:
