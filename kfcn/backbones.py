@@ -138,6 +138,17 @@ BACKBONES: dict[str, BackboneSpec] = {
         for stem in ("v1b", "v1c")
         for depth in (18, 34, 50, 101, 152)
     },
+    # The paper's other nets (kfcn.models.alexnet / .googlenet), caffe preprocessing.
+    # AlexNet without its classifier ends at fc7 (convolutions), so the FCN scores fc7.
+    "alexnet": BackboneSpec(
+        "AlexNet", "caffe", {8: "conv2", 16: "conv5", 32: "fc7"}, module="kfcn.models.alexnet"
+    ),
+    "googlenet": BackboneSpec(
+        "GoogLeNet",
+        "caffe",
+        {8: "inception_3b_output", 16: "inception_4e_output", 32: "inception_5b_output"},
+        module="kfcn.models.googlenet",
+    ),
 }
 
 
