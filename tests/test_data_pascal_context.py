@@ -93,7 +93,7 @@ def test_errors_name_the_file_and_list_line(tmp_path, caplog):
     with pytest.raises(DataError, match=r"2008_000007\.png: label values 60"):
         load_dataset("pascal_context", "val", data_dir=str(root), validate="full")
     (root / "ImageSets" / "SegmentationContext" / "val.txt").write_text("2008_000007 extra\n")
-    with pytest.raises(DataError, match=r"val\.txt:1: expected one image id"):
+    with pytest.raises(DataError, match=r"val\.txt:1: expected one image id per line"):
         load_dataset("pascal_context", "val", data_dir=str(root))
     with pytest.raises(DataError, match="SegmentationContext"):
         load_dataset("pascal_context", "val", data_dir=str(tmp_path / "nowhere"))

@@ -31,7 +31,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from kfcn.data.images import DataError
+from kfcn.data.idlist import read_id_list
 from kfcn.data.listfile import ListItem
 from kfcn.data.pairs import find_root, load_pairs, reduce_zero_label_lut
 
@@ -86,34 +86,20 @@ def pairs(root: str, split: str) -> tuple[str, list[ListItem]]:
 
     Raises:
         ValueError: unknown `split`.
-        DataError: missing list file, or a line that is not one image id (file:line).
+        DataError: missing or empty list file, a line that is not one image id or an id
+            listed twice (file:line).
     """
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of 'train', 'val'. Received: split={split!r}")
     list_file = os.path.join(root, LIST_DIR, split + ".txt")
-    try:
-        with open(list_file, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError as error:
-        raise DataError(f"{list_file}: split list file not found") from error
-    items = []
-    for number, line in enumerate(lines, start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 1:
-            raise DataError(
-                f"{list_file}:{number}: expected one image id per line, got {len(fields)} "
-                f"fields: {line.strip()!r}"
-            )
-        image_id = fields[0]
-        items.append(
-            ListItem(
-                os.path.join(root, IMAGE_DIR, image_id + ".jpg"),
-                os.path.join(root, LABEL_DIR, image_id + ".png"),
-                f"{list_file}:{number}",
-            )
+    items = [
+        ListItem(
+            os.path.join(root, IMAGE_DIR, image_id + ".jpg"),
+            os.path.join(root, LABEL_DIR, image_id + ".png"),
+            where,
         )
+        for image_id, where in read_id_list(list_file)
+    ]
     return list_file, items
 
 
