@@ -272,4 +272,3 @@ def resolve_taps(model: keras.Model, names: dict[int, str] | None) -> dict[int, 
             )
         taps[stride] = (tensor, geo)
     return taps
-

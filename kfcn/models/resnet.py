@@ -160,9 +160,7 @@ def _check_arguments(depth, output_stride, multi_grid, include_top, pooling, wei
             f"Received: multi_grid={multi_grid!r}"
         )
     if pooling not in (None, "avg", "max"):
-        raise ValueError(
-            f"`pooling` must be None, 'avg' or 'max'. Received: pooling={pooling!r}"
-        )
+        raise ValueError(f"`pooling` must be None, 'avg' or 'max'. Received: pooling={pooling!r}")
     if weights == "imagenet":
         raise ValueError(
             "`weights='imagenet'`: kfcn's own ResNets have no downloadable Keras weights. "
