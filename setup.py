@@ -12,6 +12,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["kfcn", "kfcn.*"]),
+    # The FCN authors' SIFT Flow split lists (kfcn.data.siftflow).
+    package_data={"kfcn.data": ["siftflow_splits/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16",
@@ -20,7 +22,7 @@ setup(
         "numpy",
         "pillow",
         "absl-py",
-        "scipy",  # SBD's .mat masks
+        "scipy",  # .mat masks of SBD, NYUDv2 and SIFT Flow
         "wrapt",  # post-import hook: kfcn's Keras classes registered by `import kfcn`
         "pyyaml",  # `kfcn train --config run.yaml`
         "tqdm",  # progress bars of the `kfcn` command
