@@ -9,8 +9,10 @@ scale, crop, flip) or evaluation images at native size.
 Datasets: "camvid" and "folder" (`kfcn.data.listfile`, list files of image/label pairs), "voc",
 "sbd" and "cityscapes" (`kfcn.data.voc`, `.sbd`, `.cityscapes`), "ade20k" (`kfcn.data.ade20k`,
 SceneParsing, 150 classes), "pascal_context" and "pascal_context59" (`kfcn.data.pascal_context`,
-mmsegmentation's layout, 60 or 59 classes). Each loader module is imported only when its dataset
-is requested, so `import kfcn.data` does not import TensorFlow.
+mmsegmentation's layout, 60 or 59 classes), "nyud" (`kfcn.data.nyud`, NYUDv2's 40 classes on
+RGB, HHA, RGB-D or RGB+HHA images) and "siftflow" (`kfcn.data.siftflow`, a {"sem", "geo"} label
+dict). Each loader module is imported only when its dataset is requested, so `import kfcn.data`
+does not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ _INFO_DATASETS = {
     "ade20k": ("kfcn.data.ade20k", {}),
     "pascal_context": ("kfcn.data.pascal_context", {"num_classes": 60}),
     "pascal_context59": ("kfcn.data.pascal_context", {"num_classes": 59}),
+    "nyud": ("kfcn.data.nyud", {}),
+    "siftflow": ("kfcn.data.siftflow", {}),
 }
 DATASETS = ("camvid", "folder", *_MODULE_DATASETS, *_INFO_DATASETS)
 
@@ -71,14 +75,20 @@ class DatasetInfo:
         num_examples: number of elements in the split, or None when unknown.
         palette: one (r, g, b) colour per class, or None (then `kfcn.metadata` picks the
             colours of a dataset it knows by name, else generic ones).
+
+    A multi-task dataset, whose elements' "label" is a dict (SIFT Flow: {"sem", "geo"}), gives
+    `num_classes`, `class_names` and `palette` as dicts with the same keys, e.g.
+    `num_classes={"sem": 33, "geo": 3}`; `ignore_label` is shared by all tasks.
     """
 
     name: str
-    num_classes: int
+    num_classes: int | dict[str, int]
     ignore_label: int
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...] | dict[str, tuple[str, ...]]
     num_examples: int | None
-    palette: tuple[tuple[int, int, int], ...] | None = None
+    palette: (
+        tuple[tuple[int, int, int], ...] | dict[str, tuple[tuple[int, int, int], ...]] | None
+    ) = None
 
 
 def load_dataset(
@@ -88,17 +98,20 @@ def load_dataset(
 
     Args:
         name: one of "camvid", "folder", "voc", "sbd", "cityscapes", "ade20k",
-            "pascal_context", "pascal_context59".
+            "pascal_context", "pascal_context59", "nyud", "siftflow".
         split: split name, e.g. "train", "val" (CamVid also "test" when root/test.txt exists).
         data_dir: dataset root. For "camvid" the folder holding train.txt/val.txt (SegNet
             layout); for "folder" the folder holding `<split>.txt` (or pass `list_file=`);
             for "ade20k" the `ADEChallengeData2016` folder (or its parent); for
-            "pascal_context*" the `VOCdevkit/VOC2010` folder (or `VOCdevkit`, or its parent).
-            None: `$KFCN_DATA_DIR` (for "camvid" `$KFCN_DATA_DIR/camvid`).
+            "pascal_context*" the `VOCdevkit/VOC2010` folder (or `VOCdevkit`, or its parent);
+            for "nyud" the folder holding train.txt, data/ and segmentation/; for "siftflow"
+            the folder holding Images/, SemanticLabels/ and GeoLabels/.
+            None: `$KFCN_DATA_DIR` (for "camvid", "nyud", "siftflow" `$KFCN_DATA_DIR/<name>`).
         **kwargs: passed to the loader: for "camvid"/"folder" see
             `kfcn.data.listfile.load_camvid` / `load_folder` (e.g. `on_error="skip"`,
             `num_classes=` for folder); for "voc"/"sbd"/"cityscapes" e.g. `manual_dir=`;
-            for "ade20k"/"pascal_context*" `on_error=`, `validate=`.
+            for "ade20k"/"pascal_context*"/"nyud"/"siftflow" `on_error=`, `validate=`; for
+            "nyud" `modality=` ("rgb", "hha", "rgbd" or "rgb+hha").
 
     Returns:
         (dataset, info): dataset of {"image", "label", "name"} dicts and its `DatasetInfo`.
