@@ -79,6 +79,7 @@ def test_rgb_elements_and_label_offset(nyud_copy, validate):
     )  # fmt: skip
     assert len(info.class_names) == 40 and info.class_names[0] == "wall"
     assert info.class_names[-1] == "otherprop"
+    assert len(info.palette) == 40 and len(set(info.palette)) == 40
     got = _elements(ds)
     assert [e["name"].decode() for e in got] == SPLITS["train"]
     for element in got:
@@ -192,3 +193,14 @@ def test_skip_drops_bad_examples_with_one_warning(broken, caplog):
     assert [e["name"].decode() for e in _elements(ds)] == ["5003"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "img_5001.png" in warnings[0].getMessage()
+
+
+def test_registered_in_load_dataset(nyud_copy):
+    from kfcn.data import DATASETS, load_dataset
+
+    root, truth = nyud_copy
+    assert "nyud" in DATASETS
+    ds, info = load_dataset("nyud", "test", root, modality="rgbd")
+    assert info.name == "nyud" and info.num_examples == 1
+    (element,) = _elements(ds)
+    np.testing.assert_array_equal(element["image"][..., 3], truth["6001"]["depth"])

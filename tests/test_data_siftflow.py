@@ -81,6 +81,7 @@ def test_elements_labels_and_info(copy):
     assert info.num_classes == {"sem": 33, "geo": 3}
     assert len(info.class_names["sem"]) == 33 and info.class_names["sem"][27] == "sky"
     assert info.class_names["geo"] == ("sky", "horizontal", "vertical")
+    assert [len(info.palette[task]) for task in ("sem", "geo")] == [33, 3]
     (element,) = got
     t = truth[TEST[0]]
     assert element["image"].dtype == np.uint8 and element["image"].shape == (SIZE, SIZE, 3)
@@ -151,3 +152,13 @@ def test_errors_name_the_file(tmp_path):
     assert sem_path in str(error.value)
     with pytest.raises(ValueError, match="split='val'"):
         siftflow.load_siftflow("val", root)
+
+
+def test_registered_in_load_dataset(copy):
+    from kfcn.data import DATASETS, load_dataset
+
+    root, _ = copy
+    assert "siftflow" in DATASETS
+    ds, info = load_dataset("siftflow", "test", root)
+    assert info.num_classes == {"sem": 33, "geo": 3}
+    assert [e["name"].decode() for e in ds.as_numpy_iterator()] == TEST

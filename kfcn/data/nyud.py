@@ -250,6 +250,7 @@ def load_nyud(
     import tensorflow as tf
 
     from kfcn.data import DatasetInfo
+    from kfcn.visualize import palette
 
     if modality not in MODALITIES:
         raise ValueError(f"`modality` must be one of {MODALITIES}. Received: modality={modality!r}")
@@ -290,6 +291,7 @@ def load_nyud(
         ignore_label=IGNORE_LABEL,
         class_names=CLASS_NAMES,
         num_examples=len(examples),
+        palette=tuple(map(tuple, palette("nyud").tolist())),
     )
     return dataset, info
 

@@ -193,6 +193,7 @@ def load_siftflow(
     import tensorflow as tf
 
     from kfcn.data import DatasetInfo
+    from kfcn.visualize import palette
 
     validate = idlist.check_options(on_error, validate)
     root = _root(data_dir)
@@ -225,6 +226,10 @@ def load_siftflow(
         ignore_label=IGNORE_LABEL,
         class_names=dict(CLASS_NAMES),
         num_examples=len(examples),
+        palette={
+            "sem": tuple(map(tuple, palette("siftflow").tolist())),
+            "geo": tuple(map(tuple, palette("siftflow_geo").tolist())),
+        },
     )
     return dataset, info
 
