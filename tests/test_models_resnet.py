@@ -276,7 +276,8 @@ def test_torchvision_resnet18_numerics(r18, tmp_path):
     sd = torch_state_dict(18, "v1b", seed=1)
     loaded = load_torch_state_dict(r18, save(tmp_path, "r18.npz", sd))
     assert "layer4_1_bn2" in loaded and "fc" in loaded
-    x = np.random.default_rng(2).uniform(-2, 2, (1, 37, 45, 3))  # odd sizes
+    # Even and odd sizes: torch and Keras "same" pad differently only on even ones.
+    x = np.random.default_rng(2).uniform(-2, 2, (1, 64, 45, 3))
     outs, logits = np_resnet(x, sd, 18, "v1b")
     got = stage_model(r18, ("layer1_out", "layer4_out"))(x.astype("float32"), training=False)
     assert_close(got[0], outs[0])
@@ -289,7 +290,7 @@ def test_mmseg_resnet18_v1c_d8_numerics(tmp_path):
     sd = torch_state_dict(18, "v1c", seed=3, prefix="backbone.", fc=False)
     model = resnet.ResNet18V1c(include_top=False, output_stride=8)
     load_torch_state_dict(model, save(tmp_path, "r18c.npz", sd))
-    x = np.random.default_rng(4).uniform(-2, 2, (1, 35, 29, 3))
+    x = np.random.default_rng(4).uniform(-2, 2, (1, 36, 29, 3))
     plain = {k[len("backbone.") :]: v for k, v in sd.items()}
     outs, _ = np_resnet(x, plain, 18, "v1c", strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
     got = stage_model(model)(x.astype("float32"), training=False)
@@ -429,3 +430,14 @@ def test_save_and_reload(tmp_path):
     again = keras.saving.load_model(path, safe_mode=True)
     x = np.random.default_rng(0).uniform(0, 1, (1, 35, 41, 3)).astype("float32")
     np.testing.assert_allclose(again(x, training=False), model(x, training=False), atol=1e-6)
+
+
+def test_keras_weights_file(r18c, tmp_path):
+    # `weights=` takes a Keras weights file too, as Keras Applications do.
+    path = tmp_path / "r18c.weights.h5"
+    r18c.save_weights(path)
+    again = resnet.ResNet18V1c(weights=str(path))
+    np.testing.assert_array_equal(
+        again.get_layer("layer3_0_downsample_0").kernel.numpy(),
+        r18c.get_layer("layer3_0_downsample_0").kernel.numpy(),
+    )
