@@ -204,3 +204,36 @@ def test_registered_in_load_dataset(nyud_copy):
     assert info.name == "nyud" and info.num_examples == 1
     (element,) = _elements(ds)
     np.testing.assert_array_equal(element["image"][..., 3], truth["6001"]["depth"])
+
+
+def test_pipelines_keep_depth_and_both_streams(nyud_copy):
+    from kfcn.data import eval_pipeline, train_pipeline
+
+    root, truth = nyud_copy
+    t = truth["6001"]
+    expected = _expected_label(t["raw"])
+    rgbd, _ = nyud.load_nyud("test", root, modality="rgbd")
+    # Whole-image crops without scaling or flipping return the element itself, as float32.
+    same = dict(global_batch_size=1, crop_size=(H, W), scale_range=(1, 1), flip=False, seed=0)
+    images, labels = next(iter(train_pipeline(rgbd, **same)))
+    assert images.dtype == tf.float32 and images.shape == (1, H, W, 4)
+    np.testing.assert_array_equal(images[0, ..., :3], t["rgb"].astype(np.float32))
+    np.testing.assert_array_equal(images[0, ..., 3], t["depth"].astype(np.float32))
+    np.testing.assert_array_equal(labels[0], expected)
+    # Padding: RGB gets the ImageNet mean, depth 0, the label 255 (4 whole rows here).
+    padded = dict(same, crop_size=(H + 4, W))
+    images, labels = next(iter(train_pipeline(rgbd, **padded)))
+    pad_rows = np.all(images[0, ..., 3].numpy() == 0, axis=1)
+    assert pad_rows.sum() == 4
+    np.testing.assert_allclose(images[0][pad_rows][..., :3], np.broadcast_to(
+        np.float32([123.68, 116.779, 103.939]), (4, W, 3)), rtol=1e-6)  # fmt: skip
+    assert np.all(labels[0].numpy()[pad_rows] == 255)
+
+    two, _ = nyud.load_nyud("test", root, modality="rgb+hha")
+    images, labels = next(iter(train_pipeline(two, **same)))
+    np.testing.assert_array_equal(images["rgb"][0], t["rgb"].astype(np.float32))
+    np.testing.assert_array_equal(images["hha"][0], t["hha"].astype(np.float32))
+    image, label, name = next(iter(eval_pipeline(two)))
+    assert sorted(image) == ["hha", "rgb"] and image["hha"].shape == (1, H, W, 3)
+    np.testing.assert_array_equal(label[0], expected)
+    assert name.numpy().tolist() == [b"6001"]

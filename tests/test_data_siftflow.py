@@ -162,3 +162,22 @@ def test_registered_in_load_dataset(copy):
     ds, info = load_dataset("siftflow", "test", root)
     assert info.num_classes == {"sem": 33, "geo": 3}
     assert [e["name"].decode() for e in ds.as_numpy_iterator()] == TEST
+
+
+def test_pipelines_keep_both_label_maps(copy):
+    from kfcn.data import eval_pipeline, train_pipeline
+
+    root, truth = copy
+    ds, _ = siftflow.load_siftflow("test", root)
+    sem, geo = _expected(truth[TEST[0]]["sem"], truth[TEST[0]]["geo"])
+    images, labels = next(
+        iter(train_pipeline(ds, global_batch_size=1, crop_size=(SIZE, SIZE), scale_range=(1, 1),
+                            flip=False, seed=0))
+    )  # fmt: skip
+    assert images.shape == (1, SIZE, SIZE, 3) and sorted(labels) == ["geo", "sem"]
+    assert labels["sem"].dtype == tf.int32
+    np.testing.assert_array_equal(labels["sem"][0], sem)
+    np.testing.assert_array_equal(labels["geo"][0], geo)
+    image, label, _ = next(iter(eval_pipeline(ds)))
+    assert image.shape == (1, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(label["geo"][0], geo)
