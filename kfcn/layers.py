@@ -320,9 +320,10 @@ class DilatedPooling2D(keras.layers.Layer):
         self.strides = _int_pair(strides)
         self.dilation_rate = _int_pair(dilation_rate)
         self.padding = tuple(_int_pair(p) for p in padding)
-        if min(*self.pool_size, *self.strides, *self.dilation_rate) < 1 or min(
-            *self.padding[0], *self.padding[1]
-        ) < 0:
+        if (
+            min(*self.pool_size, *self.strides, *self.dilation_rate) < 1
+            or min(*self.padding[0], *self.padding[1]) < 0
+        ):
             raise ValueError(
                 "`pool_size`, `strides` and `dilation_rate` must be >= 1 and `padding` >= 0. "
                 f"Received: pool_size={self.pool_size}, strides={self.strides}, "
@@ -362,9 +363,7 @@ class DilatedPooling2D(keras.layers.Layer):
         total, count = None, None
         mask = ops.pad(ops.ones_like(x[:1, :, :, :1]), pads)
         padded = ops.pad(x, pads)
-        for window, ones in zip(
-            self._windows(padded, rows, cols), self._windows(mask, rows, cols)
-        ):
+        for window, ones in zip(self._windows(padded, rows, cols), self._windows(mask, rows, cols)):
             total = window if total is None else total + window
             count = ones if count is None else count + ones
         return total / ops.maximum(count, 1.0)
@@ -468,3 +467,100 @@ class GroupedConv2D(keras.layers.Conv2D):
             for g in range(self.groups)
         ]
         return ops.concatenate(outputs, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class ShiftStack(keras.layers.Layer):
+    """Stacks `factor**2` shifted copies of an image along the batch axis (shift-and-stitch).
+
+    Long, Shelhamer, Darrell (TPAMI 2017), section 3.2: "shift the input x pixels
+    to the right and y pixels down, once for every (x, y) with 0 <= x, y < f".
+    Copy ``k = dy * factor + dx`` of image ``b`` is batch entry ``k * batch + b``
+    and holds ``image[dy * step:, dx * step:]``, padded at the bottom/right with
+    `value` to the image's size, so a net of stride ``factor * step`` centres
+    its features ``(dy * step, dx * step)`` pixels further on. `Interlace`
+    undoes the stacking.
+
+    Args:
+        factor: Shifts per axis, >= 1.
+        step: Pixels between shifts, >= 1.
+        value: Value of the padded pixels (in input units).
+    """
+
+    def __init__(self, factor: int = 2, step: int = 1, value: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if int(factor) < 1 or int(step) < 1:
+            raise ValueError(
+                f"`factor` and `step` must be >= 1. Received: factor={factor}, step={step}"
+            )
+        self.factor, self.step, self.value = int(factor), int(step), float(value)
+
+    def call(self, images):
+        x = ops.cast(images, self.compute_dtype)
+        height, width = ops.shape(x)[1], ops.shape(x)[2]
+        reach = (self.factor - 1) * self.step
+        if reach == 0:
+            return x
+        value = ops.cast(self.value, self.compute_dtype)
+        padded = ops.pad(x - value, [[0, 0], [0, reach], [0, reach], [0, 0]]) + value
+        copies = [
+            padded[
+                :, dy * self.step : dy * self.step + height, dx * self.step : dx * self.step + width
+            ]
+            for dy in range(self.factor)
+            for dx in range(self.factor)
+        ]
+        return ops.concatenate(copies, axis=0)
+
+    def compute_output_shape(self, input_shape):
+        batch = input_shape[0]
+        return (None if batch is None else batch * self.factor**2, *input_shape[1:])
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "factor": self.factor,
+            "step": self.step,
+            "value": self.value,
+        }
+
+
+@keras.saving.register_keras_serializable(package="kfcn")
+class Interlace(keras.layers.Layer):
+    """Interlaces the outputs of `ShiftStack`'s copies into one map `factor` times denser.
+
+    Output ``[b, factor * i + dy, factor * j + dx]`` is entry ``[i, j]`` of copy
+    ``dy * factor + dx`` of image ``b`` (Long et al., section 3.2, "interlace
+    the outputs so that the predictions correspond to the pixels at the centers
+    of their receptive fields").
+
+    Args:
+        factor: Shifts per axis, >= 1.
+    """
+
+    def __init__(self, factor: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        if int(factor) < 1:
+            raise ValueError(f"`factor` must be >= 1. Received: factor={factor}")
+        self.factor = int(factor)
+
+    def call(self, stacked):
+        f = self.factor
+        shape = ops.shape(stacked)
+        rows, cols, channels = shape[1], shape[2], stacked.shape[3]
+        x = ops.reshape(stacked, (f, f, -1, rows, cols, channels))
+        x = ops.transpose(x, (2, 3, 0, 4, 1, 5))  # b, i, dy, j, dx, c
+        return ops.reshape(x, (-1, rows * f, cols * f, channels))
+
+    def compute_output_shape(self, input_shape):
+        batch, rows, cols, channels = input_shape
+        f = self.factor
+        return (
+            None if batch is None else batch // f**2,
+            None if rows is None else rows * f,
+            None if cols is None else cols * f,
+            channels,
+        )
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "factor": self.factor}
