@@ -167,7 +167,7 @@ def test_size_mismatch_between_image_and_label_names_both(broken):
     assert path in str(error.value)
 
 
-def test_bad_label_values_and_8bit_depth(broken):
+def test_bad_label_values_8bit_depth_and_gray_hha(broken):
     root, truth = broken
     raw = truth["6001"]["raw"].copy()
     raw[3, 3] = 41
@@ -182,6 +182,11 @@ def test_bad_label_values_and_8bit_depth(broken):
     with pytest.raises(DataError, match="16-bit single-channel") as error:
         nyud.load_nyud("val", root, modality="rgbd")
     assert depth in str(error.value)
+    hha = os.path.join(root, "data", "hha", "img_5003.png")
+    Image.fromarray(np.full((H, W), 3, np.uint8)).save(hha)  # gray: not an HHA encoding
+    with pytest.raises(DataError, match="HHA must be an 8-bit 3-channel") as error:
+        nyud.load_nyud("train", root, modality="rgb+hha")
+    assert hha in str(error.value)
 
 
 def test_skip_drops_bad_examples_with_one_warning(broken, caplog):

@@ -32,6 +32,8 @@ __all__ = [
     "IdExample",
     "build_dataset",
     "check_examples",
+    "check_options",
+    "check_same_size",
     "map_label_values",
     "mat_shape",
     "read_id_list",

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kfcn.data import idlist
-from kfcn.data.images import DataError, _open, read_header, read_image
+from kfcn.data.images import DataError, ImageHeader, _open, read_header, read_image
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -130,8 +130,12 @@ def read_depth(path: str | os.PathLike) -> np.ndarray:
             depth = np.asarray(im)
         except Exception as e:
             raise DataError(f"{path}: corrupt or truncated depth file: {e}") from e
-    if depth.ndim != 2 or depth.min(initial=0) < 0 or depth.max(initial=0) > 65535:
-        raise DataError(f"{path}: depth must be 2-D 16-bit values; got shape {depth.shape}")
+    if depth.ndim != 2:
+        raise DataError(f"{path}: depth must be a 2-D map; got shape {depth.shape}")
+    if depth.dtype != np.uint16 and (depth.min() < 0 or depth.max() > 65535):
+        raise DataError(
+            f"{path}: depth values must fit in 16 bits; got {depth.min()}..{depth.max()}"
+        )
     return depth.astype(np.uint16)
 
 
@@ -143,13 +147,17 @@ def _check_depth_mode(path: str, mode: str) -> None:
         )
 
 
-def _read_hha(path: str) -> np.ndarray:
-    header = read_header(path, verify=False)
+def _check_hha_header(header: ImageHeader) -> None:
+    # read_image would quietly turn a gray or 16-bit map into 8-bit RGB: not HHA.
     if header.mode != "RGB" or header.bit_depth != 8:
         raise DataError(
-            f"{path}: HHA must be an 8-bit 3-channel image; got mode {header.mode}, "
+            f"{header.path}: HHA must be an 8-bit 3-channel image; got mode {header.mode}, "
             f"{header.bit_depth} bit"
         )
+
+
+def _read_hha(path: str) -> np.ndarray:
+    _check_hha_header(read_header(path, verify=False))
     return read_image(path)
 
 
@@ -202,11 +210,8 @@ def _check_header(example: idlist.IdExample) -> None:
         header = read_header(path, what="depth" if role == "depth" else "image")
         if role == "depth":
             _check_depth_mode(path, header.mode)
-        elif role == "hha" and (header.mode != "RGB" or header.bit_depth != 8):
-            raise DataError(
-                f"{path}: HHA must be an 8-bit 3-channel image; got mode {header.mode}, "
-                f"{header.bit_depth} bit"
-            )
+        elif role == "hha":
+            _check_hha_header(header)
         sizes[path] = header.size
     idlist.check_same_size(sizes)
 
