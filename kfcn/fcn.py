@@ -485,6 +485,14 @@ def build_fcn(
         ['geo', 'sem']
     """
     tasks = _check_heads(heads, num_classes)
+    if isinstance(init_from, dict) and (
+        modality != "rgb+hha" or set(init_from) - set(modality_lib.STREAMS)
+    ):
+        raise ValueError(
+            "`init_from` may be a dict only for modality='rgb+hha', with keys among "
+            f"{modality_lib.STREAMS}. Received: modality={modality!r}, "
+            f"init_from keys={sorted(init_from)}"
+        )
     shape = _check_arguments(
         variant, next(iter(tasks.values())), input_shape, dropout, weights, backbone, modality
     )
@@ -543,12 +551,6 @@ def _initialise_from(init_from, model: keras.Model, modality: str) -> None:
     if not isinstance(init_from, dict):
         surgery.copy_matching_layers(_load_source(init_from), model, what="init_from")
         return
-    if modality != "rgb+hha" or set(init_from) - set(modality_lib.STREAMS):
-        raise ValueError(
-            "`init_from` may be a dict only for modality='rgb+hha', with keys among "
-            f"{modality_lib.STREAMS}. Received: modality={modality!r}, "
-            f"init_from keys={sorted(init_from)}"
-        )
     targets = {layer.name: layer for layer in model.layers if layer.weights}
     for stream, source in init_from.items():
         source = _load_source(source, f"init_from[{stream!r}]")

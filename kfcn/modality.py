@@ -109,14 +109,6 @@ class RGBDPreprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode, "log_depth_mean": self.log_depth_mean}
 
 
-def reference_rgbd(images: np.ndarray, mode_mean_bgr=IMAGENET_MEAN_RGB[::-1]) -> np.ndarray:
-    """numpy reference of `RGBDPreprocess("caffe")`, for tests: BGR - mean, log depth - mean."""
-    images = np.asarray(images, np.float64)
-    bgr = images[..., 2::-1] - np.asarray(mode_mean_bgr)
-    depth = np.log(np.maximum(images[..., 3:4], MIN_DEPTH)) - LOG_DEPTH_MEAN
-    return np.concatenate([bgr, depth], -1)
-
-
 def widen_first_conv(kernel: np.ndarray) -> np.ndarray:
     """A 3-channel first-layer kernel with a 4th (depth) input channel, as the reference.
 
