@@ -441,3 +441,9 @@ def test_keras_weights_file(r18c, tmp_path):
         again.get_layer("layer3_0_downsample_0").kernel.numpy(),
         r18c.get_layer("layer3_0_downsample_0").kernel.numpy(),
     )
+    # The classifier's file also fits the dilated trunk without fc (build_dilated_fcn's use).
+    trunk = resnet.ResNet18V1c(include_top=False, output_stride=8, weights=str(path))
+    np.testing.assert_array_equal(
+        trunk.get_layer("layer4_1_conv2").kernel.numpy(),
+        r18c.get_layer("layer4_1_conv2").kernel.numpy(),
+    )
