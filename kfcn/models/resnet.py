@@ -205,10 +205,12 @@ def resnet(
         include_top: Whether to add global average pooling and the classifier
             `fc` (as Keras Applications).
         weights: None (random initialisation as torchvision), the path of a
-            Keras weights file of this model, or the path of a torchvision /
-            mmseg state dict saved as .npz (loaded with
-            `kfcn.backbones.load_torch_state_dict`, strict). "imagenet" is
-            refused with the conversion recipe: no Keras download exists.
+            Keras weights file of this network (a classifier's file also fits
+            `include_top=False` and any `output_stride`: dilation changes no
+            weight), or the path of a torchvision / mmseg state dict saved as
+            .npz (loaded with `kfcn.backbones.load_torch_state_dict`, strict;
+            `fc` skipped without `include_top`). "imagenet" is refused with
+            the conversion recipe: no Keras download exists.
         input_tensor: Optional Keras tensor to use as the image input.
         input_shape: Input shape; default `(None, None, 3)`, any size (the
             classifier pools globally, as torchvision's adaptive pooling).
