@@ -30,7 +30,7 @@ _LAZY_ATTRS = {
     "load_model": "kfcn.fcn",
     "convolutionalize": "kfcn.fully_convolutional",
     "dilate": "kfcn.dilation",
-    "shift_and_stitch": "kfcn.shift_and_stitch",
+    "shift_and_stitch": "kfcn.stitching",
     "build_dilated_fcn": "kfcn.dilated_fcn",
     "inference_model": "kfcn.dilated_fcn",
 }
