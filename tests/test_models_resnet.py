@@ -447,3 +447,31 @@ def test_keras_weights_file(r18c, tmp_path):
         trunk.get_layer("layer4_1_conv2").kernel.numpy(),
         r18c.get_layer("layer4_1_conv2").kernel.numpy(),
     )
+
+
+@pytest.mark.slow
+def test_bottleneck_output_stride_8_is_filter_rarefaction():
+    # With contract_dilation, mmseg's D8 Bottleneck ResNet is exactly the paper's
+    # filter rarefaction of the stride-32 network (section 3.2): its stride-8
+    # map, sampled every 4 pixels, is the original one. kfcn.dilate (the
+    # graph rewrite) must build the same network. (A BasicBlock differs: mmseg
+    # leaves its conv2 undilated.)
+    dilation = pytest.importorskip("kfcn.dilation")
+    original = resnet.ResNet50V1c(include_top=False)
+    ours = resnet.ResNet50V1c(include_top=False, output_stride=8)
+    rng = np.random.default_rng(11)
+    for layer in original.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape
+            values = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c)]
+            values += [rng.normal(0, 0.1, c), rng.uniform(0.5, 2.0, c)]
+            layer.set_weights(values)
+        if layer.weights:
+            ours.get_layer(layer.name).set_weights(layer.get_weights())
+    x = rng.uniform(-1, 1, (1, 64, 96, 3)).astype("float32")
+    expected = original(x, training=False).numpy()
+    got = ours(x, training=False).numpy()
+    assert got.shape == (1, 8, 12, 2048)
+    assert_close(got[:, ::4, ::4], expected.astype(np.float64))
+    rewritten = dilation.dilate(original, 8)(x, training=False).numpy()
+    np.testing.assert_allclose(rewritten, got, rtol=0, atol=1e-5 * np.abs(got).max())
