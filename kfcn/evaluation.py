@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -41,6 +41,7 @@ import tensorflow as tf
 from kfcn import metrics
 from kfcn.files import json_safe, write_text_atomically
 from kfcn.layers import IMAGENET_MEAN_RGB
+from kfcn.training.outputs import inference_outputs
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -49,6 +50,8 @@ __all__ = [
     "check_num_classes",
     "evaluate",
     "format_results",
+    "result_tasks",
+    "task_results",
     "predict",
     "predict_msflip",
     "predict_slide",
@@ -75,24 +78,74 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _image_batch(image: Any) -> tf.Tensor:
-    """[H, W, 3] or [1, H, W, 3], any numeric dtype -> float32 [1, H, W, 3]."""
+def _image_batch(image: Any) -> Any:
+    """[H, W, C] or [1, H, W, C], any numeric dtype -> float32 [1, H, W, C].
+
+    C is 3 (RGB), 4 (RGB-D) or any other channel count the model takes; a dict
+    of such images (the two streams {"rgb", "hha"}) gives a dict of batches.
+    """
+    if isinstance(image, Mapping):
+        return {k: _image_batch(v) for k, v in image.items()}
     image = tf.convert_to_tensor(image)
     if image.shape.rank == 3:
         image = image[tf.newaxis]
-    if image.shape.rank != 4 or image.shape[0] != 1 or image.shape[-1] != 3:
+    if image.shape.rank != 4 or image.shape[0] != 1:
         raise ValueError(
-            f"`image` must be [H, W, 3] or [1, H, W, 3]. Received shape {tuple(image.shape)}"
+            f"`image` must be [H, W, C] or [1, H, W, C]. Received shape {tuple(image.shape)}"
         )
     return tf.cast(image, tf.float32)
 
 
-def _model_classes(model: keras.Model) -> int | None:
+def _single_input(batch: Any, mode: str) -> None:
+    if isinstance(batch, Mapping):
+        raise ValueError(
+            f"mode={mode!r} takes one image tensor; a model with inputs {sorted(batch)} "
+            "is evaluated on whole images (mode='whole')"
+        )
+
+
+def _model_classes(model: keras.Model) -> int | dict[str, int] | None:
+    """The model's number of classes, or {task: classes} for a multi-task model."""
     try:
-        shape = model.output_shape
+        outputs = model.output
     except (AttributeError, ValueError):
         return None
-    return shape[-1] if isinstance(shape, tuple) else None
+    outputs = inference_outputs(outputs)
+    if isinstance(outputs, dict):
+        return {k: int(v.shape[-1]) for k, v in outputs.items()}
+    shape = getattr(outputs, "shape", None)
+    return None if shape is None else shape[-1]
+
+
+def _pack(outputs: Any) -> tuple[tf.Tensor, list[tuple[str, int]] | None]:
+    """The inference outputs as one tensor: tasks' logits concatenated in key order.
+
+    Returns (tensor, tasks): `tasks` lists (name, num_classes) in channel order,
+    None for a single output.
+    """
+    outputs = inference_outputs(outputs)
+    if not isinstance(outputs, dict):
+        return outputs, None
+    names = sorted(outputs)
+    tasks = [(name, int(outputs[name].shape[-1])) for name in names]
+    return tf.concat([tf.cast(outputs[name], tf.float32) for name in names], axis=-1), tasks
+
+
+class _Traced:
+    """`traced(model)`: one `tf.function` over the model; remembers its tasks."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.tasks: list[tuple[str, int]] | None = None
+
+        def forward(images: tf.Tensor) -> tf.Tensor:
+            packed, self.tasks = _pack(model(images, training=False))  # set while tracing
+            return packed
+
+        self._function = tf.function(forward, reduce_retracing=True)
+
+    def __call__(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        del training  # always inference
+        return self._function(images)
 
 
 def traced(model: keras.Model) -> Callable[..., tf.Tensor]:
@@ -104,26 +157,41 @@ def traced(model: keras.Model) -> Callable[..., tf.Tensor]:
     `reduce_retracing` makes the function generalise to unknown image sizes after
     the second distinct shape instead of tracing every size. The result can be
     passed as `model` to the `predict_*` functions (`evaluate` does this).
+
+    Auxiliary outputs ("aux_*", training only) are dropped, as
+    `kfcn.inference_model` does. A multi-task model's outputs come back as one
+    tensor, the tasks' logits concatenated in key order; the wrapper's `tasks`
+    attribute lists `(name, num_classes)` in that order once it has run.
     """
-    function = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    return _Traced(model)
 
-    def forward(images: tf.Tensor, training: bool = False) -> tf.Tensor:
-        del training  # always inference
-        return function(images)
 
-    return forward
+def _tasks_of(model: Any) -> list[tuple[str, int]] | None:
+    return getattr(model, "tasks", None)
+
+
+def _softmax(logits: tf.Tensor, tasks: list[tuple[str, int]] | None) -> tf.Tensor:
+    """Softmax over each task's channels (over all channels for one task)."""
+    if not tasks:
+        return tf.nn.softmax(logits, axis=-1)
+    parts = tf.split(logits, [n for _, n in tasks], axis=-1)
+    return tf.concat([tf.nn.softmax(p, axis=-1) for p in parts], axis=-1)
 
 
 def _forward(model: keras.Model, batch: tf.Tensor) -> tf.Tensor:
     logits = model(batch, training=False)
-    if isinstance(logits, (list, tuple, dict)):
+    if isinstance(logits, dict):
+        logits, _ = _pack(logits)
+    if isinstance(logits, (list, tuple)):
         raise ValueError(
-            f"`model` must have a single output (logits). Received {type(logits).__name__}"
+            "`model` must return logits, or a dict of them keyed by task. "
+            f"Received {type(logits).__name__}"
         )
-    if logits.shape.rank != 4 or tuple(logits.shape[1:3]) != tuple(batch.shape[1:3]):
+    reference = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
+    if logits.shape.rank != 4 or tuple(logits.shape[1:3]) != tuple(reference.shape[1:3]):
         raise ValueError(
             "`model` must return logits [b, H, W, num_classes] at the input's size. "
-            f"Input shape {tuple(batch.shape)}, output shape {tuple(logits.shape)}"
+            f"Input shape {tuple(reference.shape)}, output shape {tuple(logits.shape)}"
         )
     return tf.cast(logits, tf.float32)
 
@@ -181,6 +249,7 @@ def predict_slide(
         float32 logits [H, W, C].
     """
     batch = _image_batch(image)
+    _single_input(batch, "slide")
 
     def logits(windows: np.ndarray) -> np.ndarray:
         out = _forward(model, tf.constant(windows)).numpy()
@@ -206,8 +275,9 @@ def slide_scores(
     `predict_slide` (Keras models) and `kfcn.predict` (SavedModel and TFLite).
 
     Args:
-        scores: float32 [b, crop_h, crop_w, 3] -> float32 [b, crop_h, crop_w, C].
-        image: [H, W, 3] RGB, 0..255.
+        scores: float32 [b, crop_h, crop_w, channels] -> float32 [b, crop_h, crop_w, C].
+        image: [H, W, channels]: RGB 0..255 first (padded with the mean RGB), then
+            any further channels such as depth (padded with 0).
         crop_size: Window size, int or (height, width).
         stride: Window step; default 2/3 of `crop_size` (rounded up).
         batch_size: Windows per `scores` call.
@@ -228,8 +298,9 @@ def slide_scores(
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
     height, width = image.shape[:2]
     full_h, full_w = max(height, crop_h), max(width, crop_w)
-    padded = np.empty((full_h, full_w, 3), np.float32)
-    padded[...] = np.asarray(PAD_RGB, np.float32)
+    # The model's own padding: the mean RGB, 0 in other channels (e.g. depth).
+    padded = np.zeros((full_h, full_w, image.shape[-1]), np.float32)
+    padded[..., :3] = np.asarray(PAD_RGB, np.float32)[: image.shape[-1]]
     padded[:height, :width] = image
     boxes = [
         (y, x)
@@ -279,6 +350,7 @@ def predict_msflip(
     if not scales or any(not s > 0 for s in scales):
         raise ValueError(f"`scales` must be positive numbers. Received: scales={scales!r}")
     batch = _image_batch(image)
+    _single_input(batch, "msflip")
     height, width = int(batch.shape[1]), int(batch.shape[2])
     total = None
     views = 0
@@ -291,7 +363,7 @@ def predict_msflip(
                 logits = predict_whole(model, view)
             else:
                 logits = predict_slide(model, view, crop_size, stride)
-            probs = tf.nn.softmax(logits, axis=-1)
+            probs = _softmax(logits, _tasks_of(model))
             if mirrored:
                 probs = tf.reverse(probs, axis=[1])
             if size != (height, width):
@@ -328,10 +400,17 @@ def predict(
     raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
 
 
-def check_num_classes(model: keras.Model, num_classes: int) -> None:
-    """Raises ValueError if the model's output channels differ from `num_classes`."""
+def check_num_classes(model: keras.Model, num_classes: int | Mapping[str, int] | None) -> None:
+    """Raises ValueError if the model's classes (per task) differ from `num_classes`."""
     channels = _model_classes(model)
-    if channels is not None and channels != num_classes:
+    if channels is None or num_classes is None:
+        return
+    if isinstance(channels, dict) != isinstance(num_classes, Mapping):
+        raise ValueError(
+            f"The model outputs {channels} classes but the dataset has "
+            f"num_classes={num_classes}: one is multi-task and the other is not"
+        )
+    if channels != (dict(num_classes) if isinstance(num_classes, Mapping) else num_classes):
         raise ValueError(
             f"The model outputs {channels} classes but the dataset has "
             f"num_classes={num_classes}. Evaluate with a model trained for this dataset "
@@ -345,18 +424,47 @@ def _unpack(element: Any) -> tuple[Any, Any, str]:
     else:  # (image, label[, name]) tuples, e.g. kfcn.data.pipeline.eval_pipeline
         image, label = element[0], element[1]
         name = element[2] if len(element) > 2 else b""
-    label = np.asarray(label)
-    if label.ndim == 3 and label.shape[0] == 1:
-        label = label[0]
+
+    def squeeze(value: Any) -> np.ndarray:
+        value = np.asarray(value)
+        return value[0] if value.ndim == 3 and value.shape[0] == 1 else value
+
+    label = (
+        {k: squeeze(v) for k, v in label.items()} if isinstance(label, Mapping) else squeeze(label)
+    )
     name = np.asarray(name).ravel()
     name = name[0] if name.size else b""
     return image, label, name.decode() if isinstance(name, bytes) else str(name)
 
 
+def _task_classes(
+    tasks: list[tuple[str, int]] | None, num_classes: int | Mapping[str, int] | None
+) -> dict[str, int] | int:
+    """The classes the confusion matrices count: checked against the model's outputs."""
+    if tasks is None:
+        if isinstance(num_classes, Mapping):
+            raise ValueError(
+                f"The dataset has tasks {sorted(num_classes)} but the model has one output"
+            )
+        return num_classes
+    model_classes = dict(tasks)
+    if num_classes is not None and not isinstance(num_classes, Mapping):
+        raise ValueError(
+            f"The model has tasks {model_classes} but the dataset has one label "
+            f"(num_classes={num_classes})"
+        )
+    if num_classes is not None and dict(num_classes) != model_classes:
+        raise ValueError(
+            f"The model outputs {model_classes} classes but the dataset has "
+            f"num_classes={dict(num_classes)}"
+        )
+    return model_classes
+
+
 def accumulate_confusion(
     model: keras.Model,
     dataset: Any,
-    num_classes: int,
+    num_classes: int | Mapping[str, int] | None,
     ignore_label: int = 255,
     mode: str = "whole",
     *,
@@ -365,19 +473,24 @@ def accumulate_confusion(
     scales: Sequence[float] = DEFAULT_SCALES,
     flip: bool = True,
     max_images: int | None = None,
-    on_image: Callable[[int, str, Any, np.ndarray, np.ndarray], None] | None = None,
-) -> tuple[np.ndarray, int]:
+    on_image: Callable[[int, str, Any, Any, Any], None] | None = None,
+) -> tuple[np.ndarray | dict[str, np.ndarray], int]:
     """The evaluation loop: predicts each image and sums the confusion matrix.
 
     `evaluate` and the training loop's validation both run this loop (training
-    then sums the workers' matrices).
+    then sums the workers' matrices). Auxiliary outputs ("aux_*") are dropped.
+    A multi-task model (dict outputs keyed by task, e.g. SIFT Flow's "sem" and
+    "geo") is scored against dict labels with one matrix per task; its tasks'
+    logits are predicted together (one forward pass, windows and scales shared).
 
     Args:
-        model: Keras model mapping RGB 0..255 images to logits [b, H, W, C]
-            (or `traced(model)`).
+        model: Keras model mapping RGB 0..255 images to logits [b, H, W, C] or a
+            dict of them (or `traced(model)`).
         dataset: Iterable of {"image", "label", "name"} dicts or of
-            (image, label[, name]) tuples, one image each.
-        num_classes: C.
+            (image, label[, name]) tuples, one image each; a dict label
+            `{task: [H, W]}` for a multi-task model.
+        num_classes: C, or `{task: C}` for a multi-task model; None takes it
+            from the model's outputs (a multi-task model's always are checked).
         ignore_label: Label value left out of the matrix.
         mode: "whole", "slide" or "msflip" (see `predict`).
         crop_size: Window size for "slide" (and optionally "msflip").
@@ -387,10 +500,12 @@ def accumulate_confusion(
         max_images: Stop after this many images.
         on_image: Called after each image as
             `on_image(images_done, name, image, label, prediction)`, with the
-            image as given, label and prediction int [H, W].
+            image as given, label and prediction int [H, W] (dicts of them
+            for a multi-task model).
 
     Returns:
-        (confusion int64 [C, C], rows = ground truth; number of images).
+        (confusion int64 [C, C], rows = ground truth, or `{task: confusion}`;
+        number of images).
 
     Raises:
         ValueError: bad `mode`, or model and dataset disagree on the number of classes.
@@ -401,10 +516,12 @@ def accumulate_confusion(
         raise ValueError("mode='slide' needs `crop_size`. Received: crop_size=None")
     if max_images is not None and max_images < 1:
         raise ValueError(f"`max_images` must be >= 1. Received: max_images={max_images}")
+    classes_of_model = None
     if isinstance(model, keras.Model):
         check_num_classes(model, num_classes)
+        classes_of_model = _model_classes(model)
         model = traced(model)
-    confusion = np.zeros((num_classes, num_classes), np.int64)
+    confusion: Any = None
     count = 0
     for element in dataset:
         if max_images is not None and count >= max_images:
@@ -413,24 +530,58 @@ def accumulate_confusion(
         class_scores = predict(
             model, image, mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip
         )
-        if class_scores.shape[-1] != num_classes:
-            raise ValueError(
-                f"The model outputs {class_scores.shape[-1]} classes but the dataset has "
-                f"num_classes={num_classes}"
+        classes = _task_classes(_tasks_of(model), num_classes)
+        if isinstance(classes, dict):
+            parts = tf.split(class_scores, list(classes.values()), axis=-1)
+            prediction = {
+                task: tf.argmax(part, axis=-1, output_type=tf.int32).numpy()
+                for task, part in zip(classes, parts, strict=True)
+            }
+            if not isinstance(label, Mapping) or set(label) != set(classes):
+                received = sorted(label) if isinstance(label, Mapping) else "a tensor label"
+                raise ValueError(
+                    f"Image {name!r}: the model's tasks {sorted(classes)} need a dict label with "
+                    f"those keys. Received: {received}"
+                )
+        else:
+            if class_scores.shape[-1] != classes:
+                raise ValueError(
+                    f"The model outputs {class_scores.shape[-1]} classes but the dataset has "
+                    f"num_classes={classes}"
+                )
+            prediction = tf.argmax(class_scores, axis=-1, output_type=tf.int32).numpy()
+        if confusion is None:
+            confusion = _empty_confusion(classes)
+        for task, truth, predicted in _pairs(label, prediction):
+            if truth.shape != predicted.shape:
+                raise ValueError(
+                    f"Image {name!r}: label shape {truth.shape} differs from the prediction "
+                    f"shape {predicted.shape}" + (f" (task {task!r})" if task else "")
+                )
+            matrix = confusion[task] if task else confusion
+            matrix += metrics.confusion_matrix(
+                truth, predicted, matrix.shape[0], ignore_label=int(ignore_label)
             )
-        prediction = tf.argmax(class_scores, axis=-1, output_type=tf.int32).numpy()
-        if label.shape != prediction.shape:
-            raise ValueError(
-                f"Image {name!r}: label shape {label.shape} differs from the prediction "
-                f"shape {prediction.shape}"
-            )
-        confusion += metrics.confusion_matrix(
-            label, prediction, num_classes, ignore_label=int(ignore_label)
-        )
         count += 1
         if on_image is not None:
             on_image(count, name, image, label, prediction)
+    if confusion is None:  # no images: the classes given, or the model's
+        confusion = _empty_confusion(num_classes if num_classes is not None else classes_of_model)
     return confusion, count
+
+
+def _empty_confusion(classes: int | Mapping[str, int] | None) -> np.ndarray | dict[str, np.ndarray]:
+    if classes is None:
+        raise ValueError("`num_classes` is needed when the dataset has no images")
+    if isinstance(classes, Mapping):
+        return {t: np.zeros((n, n), np.int64) for t, n in classes.items()}
+    return np.zeros((classes, classes), np.int64)
+
+
+def _pairs(label: Any, prediction: Any) -> list[tuple[str | None, np.ndarray, np.ndarray]]:
+    if isinstance(prediction, dict):
+        return [(task, np.asarray(label[task]), prediction[task]) for task in prediction]
+    return [(None, np.asarray(label), prediction)]
 
 
 def _each_image(
@@ -493,10 +644,16 @@ def evaluate(
         ValueError: bad `mode`, or model and dataset disagree on the number of classes.
     """
     start = time.perf_counter()
+    num_classes = info.num_classes
+    num_classes = (
+        {k: int(v) for k, v in num_classes.items()}
+        if isinstance(num_classes, Mapping)
+        else int(num_classes)
+    )
     confusion, count = accumulate_confusion(
         model,
         dataset,
-        int(info.num_classes),
+        num_classes,
         int(info.ignore_label),
         mode,
         crop_size=crop_size,
@@ -509,25 +666,68 @@ def evaluate(
     seconds = time.perf_counter() - start
     if count == 0:
         _LOG.warning("evaluate() saw no images; all scores are NaN")
+    if isinstance(confusion, dict):
+        names = info.class_names if isinstance(info.class_names, Mapping) else {}
+        results: dict[str, Any] = {
+            task: task_results(matrix, names.get(task)) for task, matrix in confusion.items()
+        }
+    else:
+        results = task_results(confusion, info.class_names)
+    results.update(
+        {
+            "num_images": count,
+            "seconds": seconds,
+            "seconds_per_image": seconds / count if count else math.nan,
+            "mode": mode,
+            "crop_size": None if crop_size is None else list(_pair(crop_size, "crop_size")),
+            "stride": None if stride is None else list(_pair(stride, "stride")),
+            "scales": [float(s) for s in scales] if mode == "msflip" else None,
+            "flip": bool(flip) if mode == "msflip" else None,
+        }
+    )
+    return results
+
+
+#: mmsegmentation's names of three of the paper's metrics (its IoUMetric, in percent).
+MMSEG_NAMES = (("aAcc", "pixel_accuracy"), ("mIoU", "mean_iou"), ("mAcc", "mean_accuracy"))
+
+
+def task_results(confusion: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The scores of one task's confusion matrix, under the paper's and mmseg's names.
+
+    Args:
+        confusion: int [C, C], rows = ground truth.
+        class_names: C names (default "class_0", ...).
+
+    Returns:
+        `pixel_accuracy`, `mean_accuracy`, `mean_iou`, `frequency_weighted_iou`
+        (fractions, Long et al. section 5); `aAcc`, `mIoU`, `mAcc` (the same
+        three in percent rounded to 2 decimals, as mmsegmentation's IoUMetric
+        reports them); `iou` and `accuracy` (class name -> fraction, NaN where
+        undefined); `confusion_matrix` (nested lists).
+    """
+    confusion = np.asarray(confusion)
     scores = metrics.scores(confusion)
-    names = list(info.class_names)
-    return {
-        "pixel_accuracy": scores["pixel_accuracy"],
-        "mean_accuracy": scores["mean_accuracy"],
-        "mean_iou": scores["mean_iou"],
-        "frequency_weighted_iou": scores["frequency_weighted_iou"],
-        "iou": dict(zip(names, scores["iou"], strict=True)),
-        "accuracy": dict(zip(names, scores["accuracy"], strict=True)),
-        "num_images": count,
-        "seconds": seconds,
-        "seconds_per_image": seconds / count if count else math.nan,
-        "mode": mode,
-        "crop_size": None if crop_size is None else list(_pair(crop_size, "crop_size")),
-        "stride": None if stride is None else list(_pair(stride, "stride")),
-        "scales": [float(s) for s in scales] if mode == "msflip" else None,
-        "flip": bool(flip) if mode == "msflip" else None,
-        "confusion_matrix": confusion.tolist(),
-    }
+    names = (
+        list(class_names)
+        if class_names is not None
+        else [f"class_{i}" for i in range(confusion.shape[0])]
+    )
+    results = {key: scores[key] for key, _ in _HEADLINE}
+    for mmseg_name, key in MMSEG_NAMES:
+        value = scores[key]
+        results[mmseg_name] = value if math.isnan(value) else round(100 * value, 2)
+    results["iou"] = dict(zip(names, scores["iou"], strict=True))
+    results["accuracy"] = dict(zip(names, scores["accuracy"], strict=True))
+    results["confusion_matrix"] = confusion.tolist()
+    return results
+
+
+def result_tasks(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """`{task: scores}` of `evaluate`'s results: {"": results} for a single task."""
+    if "mean_iou" in results:
+        return {"": results}
+    return {k: v for k, v in results.items() if isinstance(v, Mapping) and "mean_iou" in v}
 
 
 _HEADLINE = (
@@ -539,16 +739,27 @@ _HEADLINE = (
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """The four metrics and a per-class IU table as text (values in percent)."""
+    """The four metrics, mmseg's aAcc/mIoU/mAcc and a per-class IU table as text (in percent).
+
+    A multi-task result gets one block per task, headed by the task's name.
+    """
 
     def pct(value: float) -> str:
         return "   n/a" if value is None or math.isnan(value) else f"{100 * value:6.2f}"
 
-    lines = [f"{label:>16}: {pct(results[key])}" for key, label in _HEADLINE]
-    width = max([len("class")] + [len(n) for n in results["iou"]])
-    lines += ["", f"{'class':<{width}}  IU (%)  acc (%)"]
-    for name, iou in results["iou"].items():
-        lines.append(f"{name:<{width}}  {pct(iou)}  {pct(results['accuracy'][name])}")
+    lines: list[str] = []
+    for task, scores in result_tasks(results).items():
+        if task:
+            lines += [f"task {task}:"] if not lines else ["", f"task {task}:"]
+        lines += [f"{label:>16}: {pct(scores[key])}" for key, label in _HEADLINE]
+        lines.append(
+            f"{'mmseg':>16}: "
+            + ", ".join(f"{name} {pct(scores[key]).strip()}" for name, key in MMSEG_NAMES)
+        )
+        width = max([len("class")] + [len(n) for n in scores["iou"]])
+        lines += ["", f"{'class':<{width}}  IU (%)  acc (%)"]
+        for name, iou in scores["iou"].items():
+            lines.append(f"{name:<{width}}  {pct(iou)}  {pct(scores['accuracy'][name])}")
     lines.append(
         f"\n{results['num_images']} images in {results['seconds']:.1f} s (mode={results['mode']})"
     )

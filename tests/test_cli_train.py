@@ -124,6 +124,8 @@ def test_train_repeat_resume_and_complete(tmp_path, folder):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Trained steps 0-2 of 2" in first.stdout and str(run / "model.keras") in first.stdout
     assert sorted(os.listdir(run)) == [
+        "best.json",
+        "best.weights.h5",
         "checkpoints",
         "config.yaml",
         "logs",
@@ -134,6 +136,8 @@ def test_train_repeat_resume_and_complete(tmp_path, folder):
     result = json.load(open(run / "result.json"))
     assert (result["start_step"], result["final_step"], result["total_steps"]) == (0, 2, 2)
     assert result["validation"]["num_images"] == 3
+    assert result["best"]["metric"] == "mean_iou" and result["best"]["step"] == 2
+    assert result["best"]["value"] == result["validation"]["mean_iou"]
     assert result["run"]["class_names"] == list(CLASSES)
     settings = yaml.safe_load(open(run / "config.yaml"))
     assert settings["crop_size"] == [32, 32] and settings["steps"] == 2

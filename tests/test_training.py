@@ -281,7 +281,7 @@ def test_train_step_matches_hand_computed_sgd_update():
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: tf.data.Dataset.from_tensors((images, labels)).repeat()
     )
-    loss, l2, grad_norm = step(iter(dataset))
+    loss, l2, grad_norm, _ = step(iter(dataset))
     assert float(loss) == pytest.approx(float(data_loss), rel=1e-5)
     assert float(l2) == pytest.approx(expected_l2, rel=1e-5)
     for got, want in zip(model.trainable_variables, expected):
@@ -489,7 +489,7 @@ def test_loss_scale_optimizer_step_equals_plain_step():
         )
         iterator = iter(data)
         for _ in range(2):
-            loss, _, grad_norm = step(iterator)
+            loss, _, grad_norm, _ = step(iterator)
         results.append(model.get_weights())
         if scaled:
             assert float(grad_norm) == 0.0  # overflow is the optimizer's business here

@@ -94,6 +94,34 @@ def names_type(flag: str) -> Callable[[Any], tuple[str, ...]]:
     return _sequence_type(parse, "names")
 
 
+def mapping_type(flag: str, value_type: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
+    """An argparse `type=` for "key:value,key:value" (e.g. sem:33,geo:3), naming `--flag`.
+
+    A settings file may hold a YAML mapping (`heads: {sem: 33, geo: 3}`) instead.
+    """
+
+    def parse(text: Any) -> dict[str, Any]:
+        items = (
+            list(text.items())
+            if isinstance(text, dict)
+            else [part.partition(":")[::2] for part in str(text).split(",")]
+        )
+        try:
+            values = {str(k).strip(): value_type(v) for k, v in items}
+        except (TypeError, ValueError):
+            values = {}
+        if not values or not all(values) or len(values) != len(items):
+            raise UsageError(
+                f"--{flag} must be comma-separated name:value pairs (e.g. sem:33,geo:3). "
+                f"Received: --{flag}={text!r}"
+            )
+        return values
+
+    parse.__name__ = "mapping"
+    parse.accepts_mapping = True
+    return parse
+
+
 def parse_bool(text: str | bool, flag: str = "flag") -> bool:
     """Parses absl's boolean spellings ("true", "false", "1", "0", ...)."""
     if isinstance(text, bool):
@@ -212,7 +240,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
         action = known[name]
         sequence = isinstance(value, (list, tuple))
         if action.type is not None and (
-            isinstance(value, str) or (sequence and getattr(action.type, "accepts_sequence", 0))
+            isinstance(value, str)
+            or (sequence and getattr(action.type, "accepts_sequence", 0))
+            or (isinstance(value, dict) and getattr(action.type, "accepts_mapping", 0))
         ):
             value = action.type(value)
         if action.choices is not None and value is not None and value not in action.choices:

@@ -31,6 +31,7 @@ from kfcn import VARIANTS
 from kfcn.cli.args import (
     add_bool,
     existing_path,
+    mapping_type,
     names_type,
     parse_with_config,
     range_type,
@@ -38,7 +39,15 @@ from kfcn.cli.args import (
 )
 from kfcn.cli.errors import UsageError
 from kfcn.data import DATASETS
-from kfcn.training.config import CLASS_WEIGHTINGS, OPTIMIZERS, TrainConfig
+from kfcn.training.config import (
+    CLASS_WEIGHTINGS,
+    DILATED_VARIANTS,
+    MODALITIES,
+    OPTIMIZERS,
+    VAL_MODES,
+    TrainConfig,
+)
+from kfcn.training.outputs import LOSS_REDUCTIONS
 from kfcn.training.schedules import SCHEDULES
 from kfcn.training.strategy import STRATEGIES
 
@@ -73,6 +82,23 @@ def _weights(text: str) -> str | None:
 
 def _optional_text(text: str) -> str | None:
     return None if text.strip().lower() in _NONE_WORDS else text
+
+
+def _optional_float(text: str) -> float | None:
+    return None if str(text).strip().lower() in _NONE_WORDS else float(text)
+
+
+def _optional_size(flag: str) -> Any:
+    parse = size_type(flag)
+
+    def optional(text: Any) -> tuple[int, int] | None:
+        if isinstance(text, str) and text.strip().lower() in _NONE_WORDS:
+            return None
+        return parse(text)
+
+    optional.__name__ = "size"
+    optional.accepts_sequence = True
+    return optional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +174,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(
         "backbone", "Backbone (kfcn.backbones), e.g. vgg16, resnet50, mobilenetv2.", metavar="NAME"
     )
-    flag("variant", "FCN variant (the paper's three nets).", choices=VARIANTS)
+    flag(
+        "variant",
+        "FCN variant: the paper's skip nets, or mmsegmentation's dilated nets "
+        "(fcn_d8, fcn_d16: output stride 8, 16; fcn_d6: stride 16, dilation-6 head; "
+        "with --backbone resnet50_v1c etc.).",
+        choices=(*VARIANTS, *DILATED_VARIANTS),
+    )
+    flag("head_channels", "Dilated nets: channels of the FCNHead's convs.", type=int)
+    flag("num_convs", "Dilated nets: 3x3 conv layers of the FCNHead.", type=int)
+    add_bool(
+        parser,
+        "concat_input",
+        True,
+        "Dilated nets: concatenate the head's input with its convs' output",
+    )
+    add_bool(parser, "aux_head", False, "Dilated nets: train an auxiliary FCNHead (stride-8 stage)")
+    flag("aux_channels", "Dilated nets: channels of the auxiliary head.", type=int)
+    add_bool(parser, "sync_batchnorm", True, "Dilated nets: BatchNorm synchronised over replicas")
+    flag(
+        "modality",
+        "Skip nets: input modality (NYUDv2): rgb, rgbd (early fusion), hha, rgb+hha "
+        "(two streams, late fusion).",
+        choices=MODALITIES,
+    )
+    flag(
+        "heads",
+        "Skip nets: one head per task, name:classes pairs (SIFT Flow sem:33,geo:3; "
+        "default: the dataset's tasks when it has several).",
+        type=mapping_type("heads", int),
+        metavar="TASK:N,...",
+    )
     flag(
         "weights",
         "Backbone weights: none, imagenet (downloaded once) or a Keras "
@@ -191,10 +247,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "poly: lr*(1-step/steps)^0.9; fixed: the paper's constant rate.",
         choices=SCHEDULES,
     )
+    flag("min_learning_rate", "poly ends at this rate (mmseg: 1e-4).", type=float)
+    flag("poly_power", "Exponent of poly.", type=float)
     flag(
         "class_weighting",
         "Loss class weights; median_frequency from the training labels.",
         choices=CLASS_WEIGHTINGS,
+    )
+    flag(
+        "loss_reduction",
+        "mean: each output's loss over the global batch's valid pixels; sum: unnormalised, "
+        "as the paper's solvers (normalize: false).",
+        choices=LOSS_REDUCTIONS,
+    )
+    flag(
+        "aux_loss_weight",
+        "Loss weight of the auxiliary head (mmseg 0.4; torchvision 0.5).",
+        type=float,
+    )
+    flag(
+        "task_loss_weights",
+        "Loss weight of each task, name:weight pairs, e.g. sem:1,geo:1 (default: 1 each).",
+        type=mapping_type("task_loss_weights", float),
+        metavar="TASK:W,...",
+    )
+    add_bool(parser, "flip", True, "Random horizontal mirroring of training crops")
+    add_bool(
+        parser,
+        "photometric",
+        False,
+        "Random photometric distortion (brightness, contrast, saturation, hue) of RGB",
+    )
+    flag(
+        "cat_max_ratio",
+        "Redraw a training crop (up to 10 times) while one class covers more than this "
+        "fraction (mmseg: 0.75; default: off).",
+        type=_optional_float,
     )
     add_bool(
         parser,
@@ -205,6 +293,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Bookkeeping.
     flag("eval_every", "Validate every N steps (0: every epoch) and at the end.", type=int)
     flag("max_eval_images", "Validate on at most N images (default: all).", type=int)
+    flag("val_mode", "Validation on whole images or slide windows.", choices=VAL_MODES)
+    flag(
+        "val_crop_size",
+        "slide: window HxW (mmseg Cityscapes 769x769: 769).",
+        type=_optional_size("val_crop_size"),
+        metavar="HxW",
+    )
+    flag(
+        "val_stride",
+        "slide: window stride HxW (mmseg: 513; default: 2/3 of the window).",
+        type=_optional_size("val_stride"),
+        metavar="HxW",
+    )
+    flag(
+        "selection_metric",
+        "Validation score that picks best.weights.h5: mean_iou (the tasks' mean), or "
+        "TASK/SCORE, e.g. sem/mean_iou.",
+        metavar="SCORE",
+    )
     flag("num_overlays", "Prediction overlays written to TensorBoard per validation.", type=int)
     flag("checkpoint_every", "Checkpoint every N steps (0: every epoch) and at the end.", type=int)
     flag("log_every", "Log a progress line (loss, lr, images/s, ETA) every N steps.", type=int)
@@ -238,8 +345,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in ("step_timeout", "collective_timeout"):
         if values[name] is not None and values[name] <= 0:
             values[name] = None
-    config = TrainConfig(**values)
     try:
+        config = TrainConfig(**values)
         config.validate()
     except ValueError as error:
         from kfcn.cli import _flag_spelling, build_parser
@@ -278,7 +385,18 @@ def run(args: argparse.Namespace, *, model_fn: Any = None) -> int:
     scores = result.validation
     summary = f"Trained steps {result.start_step}-{result.final_step} of {result.total_steps}"
     if scores:
-        summary += f"; validation mean IU {scores['mean_iou']:.4f} ({scores['num_images']} images)"
+        tasks = (
+            {"": scores}
+            if "mean_iou" in scores
+            else {k: v for k, v in scores.items() if isinstance(v, dict)}
+        )
+        shown = ", ".join(f"{t} {v['mean_iou']:.4f}".strip() for t, v in tasks.items())
+        summary += f"; validation mean IU {shown} ({scores['num_images']} images)"
+    if result.best:
+        summary += (
+            f"; best {result.best['metric']} {result.best['value']:.4f} at step "
+            f"{result.best['step']} ({result.best['weights']})"
+        )
     print(f"{summary}. Model: {result.model_path}")
     _training_curves(result)
     return 0

@@ -12,11 +12,23 @@ import dataclasses
 import os
 from typing import Any
 
+from kfcn.training.outputs import LOSS_REDUCTIONS
 from kfcn.training.schedules import SCHEDULES
 from kfcn.training.strategy import STRATEGIES
 
 OPTIMIZERS = ("sgd", "adam")
 CLASS_WEIGHTINGS = ("none", "median_frequency")
+#: The dilated FCNs of mmsegmentation's model zoo, `kfcn.build_dilated_fcn`:
+#: variant -> (output_stride, head_dilation). FCN-D6 is R-x-D16 with a dilation-6 head.
+DILATED_VARIANTS = {"fcn_d8": (8, 1), "fcn_d16": (16, 1), "fcn_d6": (16, 6)}
+#: Input modalities of `kfcn.build_fcn(modality=...)` (NYUDv2, Long et al. CVPR 2015 section 5).
+MODALITIES = ("rgb", "rgbd", "hha", "rgb+hha")
+#: Validation test modes (`kfcn.evaluation.MODES` without msflip, too slow in a loop).
+VAL_MODES = ("whole", "slide")
+#: Score names `selection_metric` may take (optionally "<task>/<name>").
+SELECTION_SCORES = ("mean_iou", "pixel_accuracy", "mean_accuracy", "frequency_weighted_iou")
+#: Settings of the dilated family only.
+DILATED_SETTINGS = ("head_channels", "num_convs", "concat_input", "aux_head", "aux_channels")
 #: Settings that only the "folder" dataset takes (the others know their classes).
 FOLDER_SETTINGS = ("list_file", "val_list_file", "num_classes", "ignore_label", "class_names")
 
@@ -41,7 +53,21 @@ class TrainConfig:
         strategy: "one_device", "mirrored" or "multi_worker_mirrored".
         cpu_replicas: Logical CPU devices for "mirrored" on a machine without GPUs.
         backbone: Backbone name (`kfcn.backbones`).
-        variant: "fcn32s", "fcn16s" or "fcn8s" (checked by `kfcn.build_fcn`).
+        variant: The paper's skip nets "fcn32s", "fcn16s", "fcn8s" (`kfcn.build_fcn`)
+            or mmsegmentation's dilated nets "fcn_d8", "fcn_d16", "fcn_d6"
+            (`kfcn.build_dilated_fcn`: output stride 8, 16, and 16 with a
+            dilation-6 head).
+        head_channels: Dilated nets: channels of the FCNHead's convs (mmseg 512).
+        num_convs: Dilated nets: 3x3 convs of the FCNHead (mmseg 2).
+        concat_input: Dilated nets: concatenate the head's input with its convs' output.
+        aux_head: Dilated nets: train an auxiliary FCNHead on the stage before the
+            last (the model then returns {"logits", "aux_logits"}).
+        aux_channels: Dilated nets: channels of the auxiliary head (mmseg 256).
+        sync_batchnorm: Dilated nets: synchronise BatchNormalization across replicas.
+        modality: Skip nets: "rgb", "rgbd" (4-channel early fusion), "hha", or
+            "rgb+hha" (two streams, late fusion), as the paper's NYUDv2 nets.
+        heads: Skip nets: {task: classes} for one trunk with a head per task (SIFT
+            Flow {"sem": 33, "geo": 3}); default: the dataset's tasks if it has several.
         weights: None, "imagenet" or a Keras Applications classifier weights file.
         init_from: A `.keras` model whose same-named layers initialise the network.
         trainable_upsampling: Learn the bilinear upsampling.
@@ -58,9 +84,25 @@ class TrainConfig:
         weight_decay: L2 on kernels added to the loss (Caffe's weight_decay).
         schedule: "poly" or "fixed".
         class_weighting: "none" or "median_frequency".
+        min_learning_rate: "poly" ends at this rate (mmseg's `eta_min` 1e-4).
+        poly_power: Exponent of "poly" (0.9).
+        aux_loss_weight: Loss weight of auxiliary outputs (mmseg 0.4; torchvision 0.5).
+        task_loss_weights: Loss weight of each main output by name, e.g.
+            {"sem": 1, "geo": 1} (default 1 each).
+        loss_reduction: "mean": each output's loss over the valid pixels of the
+            global batch; "sum": unnormalised, the reference solvers' `normalize: false`.
+        flip: Random horizontal mirroring.
+        photometric: Random photometric distortion of the RGB channels.
+        cat_max_ratio: Redraw a training crop (up to 10 times) while one class
+            covers more than this fraction of it (mmseg 0.75); None disables.
         mixed_precision: float16 (GPU) or bfloat16 (CPU) compute.
         eval_every: Validate every N steps (0: every epoch) and at the end.
         max_eval_images: Validate on at most this many images.
+        val_mode: "whole" images or "slide" windows (mmseg's Cityscapes 769x769 rows).
+        val_crop_size: Window (height, width) of "slide".
+        val_stride: Window stride of "slide" (default 2/3 of the window).
+        selection_metric: Validation score that picks `best.weights.h5`:
+            "mean_iou" (the mean over tasks for several) or "<task>/<score>".
         num_overlays: Prediction overlays written to TensorBoard at each validation.
         checkpoint_every: Checkpoint every N steps (0: every epoch) and at the end.
         log_every: Log a progress line every N steps.
@@ -86,6 +128,14 @@ class TrainConfig:
     cpu_replicas: int = 1
     backbone: str = "vgg16"
     variant: str = "fcn8s"
+    head_channels: int = 512
+    num_convs: int = 2
+    concat_input: bool = True
+    aux_head: bool = False
+    aux_channels: int = 256
+    sync_batchnorm: bool = True
+    modality: str = "rgb"
+    heads: dict[str, int] | None = None
     weights: str | None = None
     init_from: str | None = None
     trainable_upsampling: bool = False
@@ -102,9 +152,21 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "poly"
     class_weighting: str = "none"
+    min_learning_rate: float = 0.0
+    poly_power: float = 0.9
+    aux_loss_weight: float = 0.4
+    task_loss_weights: dict[str, float] | None = None
+    loss_reduction: str = "mean"
+    flip: bool = True
+    photometric: bool = False
+    cat_max_ratio: float | None = None
     mixed_precision: bool = False
     eval_every: int = 0
     max_eval_images: int | None = None
+    val_mode: str = "whole"
+    val_crop_size: tuple[int, int] | None = None
+    val_stride: tuple[int, int] | None = None
+    selection_metric: str = "mean_iou"
     num_overlays: int = 3
     checkpoint_every: int = 0
     log_every: int = 10
@@ -117,6 +179,20 @@ class TrainConfig:
         self.scale_range = tuple(float(v) for v in self.scale_range)
         if self.class_names is not None:
             self.class_names = tuple(str(n) for n in self.class_names)
+        for name in ("val_crop_size", "val_stride"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.heads is not None:
+            self.heads = {str(k): int(v) for k, v in dict(self.heads).items()}
+        if self.task_loss_weights is not None:
+            self.task_loss_weights = {
+                str(k): float(v) for k, v in dict(self.task_loss_weights).items()
+            }
+
+    @property
+    def is_dilated(self) -> bool:
+        """Whether `variant` is one of mmsegmentation's dilated FCNs."""
+        return self.variant in DILATED_VARIANTS
 
     @property
     def resolved_train_split(self) -> str:
@@ -172,11 +248,18 @@ class TrainConfig:
             ("optimizer", OPTIMIZERS),
             ("schedule", SCHEDULES),
             ("class_weighting", CLASS_WEIGHTINGS),
+            ("loss_reduction", LOSS_REDUCTIONS),
+            ("modality", MODALITIES),
+            ("val_mode", VAL_MODES),
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"must be one of {', '.join(allowed)}")
         if not self.model_dir:
             fail("model_dir", "is required")
+        from kfcn import VARIANTS
+
+        if self.variant not in (*VARIANTS, *DILATED_VARIANTS):
+            fail("variant", f"must be one of {', '.join((*VARIANTS, *DILATED_VARIANTS))}")
         for name in ("batch_size", "cpu_replicas", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
@@ -200,6 +283,25 @@ class TrainConfig:
             fail("crop_size", "must be (height, width), positive")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             fail("scale_range", "must be (min, max) with 0 < min <= max")
+        if not 0 <= self.min_learning_rate < self.learning_rate:
+            fail("min_learning_rate", f"must be in [0, learning_rate={self.learning_rate})")
+        if not self.poly_power > 0:
+            fail("poly_power", "must be > 0")
+        if self.aux_loss_weight < 0:
+            fail("aux_loss_weight", "must be >= 0")
+        if self.task_loss_weights is not None and min(self.task_loss_weights.values()) < 0:
+            fail("task_loss_weights", "must be >= 0")
+        if self.cat_max_ratio is not None and not 0 < self.cat_max_ratio <= 1:
+            fail("cat_max_ratio", "must be in (0, 1]")
+        if self.heads is not None and (not self.heads or min(self.heads.values()) < 1):
+            fail("heads", "must map task names to >= 1 classes")
+        if self.val_mode == "slide" and self.val_crop_size is None:
+            fail("val_crop_size", "is required with val_mode='slide'")
+        if self.selection_metric.rpartition("/")[2] not in SELECTION_SCORES:
+            fail(
+                "selection_metric", f"must be one of {', '.join(SELECTION_SCORES)}, or <task>/<one>"
+            )
+        self._validate_model_settings()
         if self.ignore_label is not None and not 0 <= self.ignore_label <= 255:
             fail("ignore_label", "must be in [0, 255]")
         if self.strategy != "mirrored" and self.cpu_replicas != 1:
@@ -207,6 +309,35 @@ class TrainConfig:
         if self.strategy == "mirrored" and self.batch_size % self.cpu_replicas:
             fail("batch_size", f"must be divisible by the {self.cpu_replicas} CPU replicas")
         self._validate_dataset_settings()
+
+    def _validate_model_settings(self) -> None:
+        if self.is_dilated:
+            for name, default in (("modality", "rgb"), ("heads", None)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"`{name}` is a setting of the skip nets (fcn32s, fcn16s, fcn8s); "
+                        f"the dilated nets take RGB and one task. Received: "
+                        f"{name}={getattr(self, name)!r} with variant={self.variant!r}"
+                    )
+            for name in ("head_channels", "num_convs", "aux_channels"):
+                if getattr(self, name) < 1:
+                    raise ValueError(
+                        f"`{name}` must be >= 1. Received: {name}={getattr(self, name)!r}"
+                    )
+            return
+        for name in DILATED_SETTINGS:
+            field = next(f for f in dataclasses.fields(self) if f.name == name)
+            if getattr(self, name) != field.default:
+                raise ValueError(
+                    f"`{name}` is a setting of the dilated nets "
+                    f"({', '.join(DILATED_VARIANTS)}). Received: {name}="
+                    f"{getattr(self, name)!r} with variant={self.variant!r}"
+                )
+        if self.heads is not None and self.class_weighting != "none":
+            raise ValueError(
+                "`class_weighting` needs one task; the run has several. Received: "
+                f"class_weighting={self.class_weighting!r} with heads={self.heads!r}"
+            )
 
     def _validate_dataset_settings(self) -> None:
         uses_folder = "folder" in (self.dataset, self.resolved_val_dataset)

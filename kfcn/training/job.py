@@ -84,7 +84,7 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
         ignore_label=inputs.info.ignore_label,
         class_weights=inputs.class_weights,
         eval_dataset_fn=inputs.eval_dataset if config.has_validation else None,
-        overlay_fn=_overlay_fn(inputs.class_info),
+        overlay_fn=None if inputs.class_info is None else _overlay_fn(inputs.class_info),
         num_overlays=config.num_overlays,
     )
 
@@ -98,9 +98,8 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
         start_step=trained.start_step,
         final_step=trained.final_step,
         total_steps=inputs.total_steps,
-        validation=None
-        if trained.metrics is None
-        else {k: v for k, v in trained.metrics.items() if k != "confusion"},
+        validation=_without_confusion(trained.metrics),
+        best=trained.best,
         images_per_second=trained.images_per_second,
         run=run_facts,
         is_chief=run.is_chief,
@@ -164,6 +163,11 @@ class Inputs:
         self.steps_per_epoch = max(1, math.ceil(self.num_examples / config.batch_size))
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.class_weights = None
+        if config.class_weighting == "median_frequency" and isinstance(self.info.num_classes, dict):
+            raise ValueError(
+                f"`class_weighting` needs one task; {config.dataset} has several "
+                f"({self.info.num_classes}). Received: class_weighting='median_frequency'"
+            )
         if config.class_weighting == "median_frequency":
             from kfcn import losses
 
@@ -176,7 +180,9 @@ class Inputs:
                     f"{n} {w:.3f}" for n, w in zip(self.info.class_names, self.class_weights)
                 ),
             )
-        self.class_info = _class_info(config.dataset, self.info)
+        # Class names and palette are stored for one task; a multi-task model keeps none.
+        multi_task = isinstance(self.info.num_classes, dict)
+        self.class_info = None if multi_task else _class_info(config.dataset, self.info)
         if config.has_validation:
             self.eval_dataset(1, 0)  # checks the validation files now, not after training
         else:
@@ -207,14 +213,20 @@ class Inputs:
         )
         # Reseeded by the resume step so that a resumed run does not replay the
         # batches it already trained on (the file-reading pipeline is not checkpointable).
+        options: dict[str, Any] = {}
+        if config.cat_max_ratio is not None:  # mmseg's crop option (kfcn.data.pipeline)
+            options["cat_max_ratio"] = config.cat_max_ratio
         return data.train_pipeline(
             dataset,
             global_batch_size=config.batch_size,
             crop_size=config.crop_size,
             scale_range=config.scale_range,
+            flip=config.flip,
+            photometric=config.photometric,
             ignore_label=self.info.ignore_label,
             input_context=context,
             seed=config.seed + start_step,
+            **options,
         )
 
     def eval_dataset(self, num_shards: int, index: int) -> Any:
@@ -248,6 +260,13 @@ class Inputs:
             log_every=config.log_every,
             weight_decay=config.weight_decay,
             step_timeout=config.step_timeout,
+            aux_loss_weight=config.aux_loss_weight,
+            task_loss_weights=config.task_loss_weights,
+            loss_reduction=config.loss_reduction,
+            selection_metric=config.selection_metric,
+            val_mode=config.val_mode,
+            val_crop_size=config.val_crop_size,
+            val_stride=config.val_stride,
         )
 
     def facts(self, strategy: Any, num_workers: int) -> dict[str, Any]:
@@ -262,7 +281,9 @@ class Inputs:
             "total_steps": self.total_steps,
             "num_classes": self.info.num_classes,
             "ignore_label": self.info.ignore_label,
-            "class_names": list(self.info.class_names),
+            "class_names": {k: list(v) for k, v in self.info.class_names.items()}
+            if isinstance(self.info.class_names, dict)
+            else list(self.info.class_names),
             "dtype_policy": _policy_name(),
             "class_weights": None if weights is None else [float(w) for w in weights],
         }
@@ -297,10 +318,42 @@ def _overlay_fn(class_info: Any) -> Callable[[Any, Any], Any]:
 # 3. Model and optimizer
 
 
-def build_model(config: TrainConfig, num_classes: int) -> Any:
-    """The default `model_fn`: `kfcn.build_fcn` as configured."""
-    import kfcn
+def build_model(config: TrainConfig, num_classes: Any) -> Any:
+    """The default `model_fn`: `kfcn.build_fcn` or `kfcn.build_dilated_fcn` as configured.
 
+    Args:
+        config: the settings (`variant` picks the builder).
+        num_classes: the dataset's classes, or `{task: classes}` for a
+            multi-task dataset (then the model's `heads`, unless `config.heads`
+            names them).
+    """
+    import kfcn
+    from kfcn.training.config import DILATED_VARIANTS
+
+    if config.is_dilated:
+        output_stride, head_dilation = DILATED_VARIANTS[config.variant]
+        return kfcn.build_dilated_fcn(
+            backbone=config.backbone,
+            num_classes=num_classes,
+            output_stride=output_stride,
+            head_channels=config.head_channels,
+            num_convs=config.num_convs,
+            concat_input=config.concat_input,
+            head_dilation=head_dilation,
+            dropout=config.dropout,
+            aux_head=config.aux_head,
+            aux_channels=config.aux_channels,
+            weights=config.weights,
+            sync_batchnorm=config.sync_batchnorm,
+        )
+    # Passed only when set, so the skip nets' builder is called as before otherwise.
+    options: dict[str, Any] = {}
+    if config.modality != "rgb":
+        options["modality"] = config.modality
+    heads = config.heads or (dict(num_classes) if isinstance(num_classes, dict) else None)
+    if heads:
+        options["heads"] = heads
+        num_classes = next(iter(heads.values()))  # ignored by the builder with heads
     return kfcn.build_fcn(
         config.variant,
         backbone=config.backbone,
@@ -309,6 +362,7 @@ def build_model(config: TrainConfig, num_classes: int) -> Any:
         dropout=config.dropout,
         trainable_upsampling=config.trainable_upsampling,
         init_from=config.init_from,
+        **options,
     )
 
 
@@ -351,7 +405,11 @@ def _model_and_optimizer(
         if config.bn_momentum is not None:
             set_batch_norm_momentum(model, config.bn_momentum)
         learning_rate = schedules.learning_rate_schedule(
-            config.schedule, config.learning_rate, inputs.total_steps
+            config.schedule,
+            config.learning_rate,
+            inputs.total_steps,
+            power=config.poly_power,
+            end_learning_rate=config.min_learning_rate,
         )
         if config.optimizer == "sgd":
             optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum)
@@ -375,6 +433,17 @@ def _float32_copy(model: Any, config: TrainConfig, num_classes: int, model_fn: M
     copy = (model_fn or build_model)(plain, num_classes)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _without_confusion(scores: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validation scores for result.json: the confusion matrices left out (per task too)."""
+    if scores is None:
+        return None
+    return {
+        k: _without_confusion(v) if isinstance(v, dict) else v
+        for k, v in scores.items()
+        if k != "confusion"
+    }
 
 
 def _already_complete(run: RunDirectory, total_steps: int, facts: dict[str, Any]) -> FitResult:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -34,7 +35,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from kfcn import evaluation, metrics
+from kfcn import evaluation, files, metrics
+from kfcn.training import outputs as outputs_lib
 from kfcn.training.checkpoints import TrainingCheckpoint
 from kfcn.training.strategy import WorkerInfo, worker_info
 
@@ -71,6 +73,17 @@ class LoopConfig:
         weight_decay: L2 coefficient on the kernels (Caffe's `weight_decay`).
         step_timeout: seconds without progress after which the watchdog ends
             the process with `WATCHDOG_EXIT_CODE`; None disables it.
+        aux_loss_weight: loss weight of each "aux_*" output (mmseg 0.4,
+            torchvision 0.5); see `kfcn.training.outputs`.
+        task_loss_weights: loss weight of each main output by name (default 1).
+        loss_reduction: "mean" (each output over the global batch's valid
+            pixels) or "sum" (unnormalised, the FCN reference solvers).
+        selection_metric: the validation score that picks the best model
+            (`kfcn.training.outputs.selection_value`): "mean_iou" (for several
+            tasks the mean of their mean IU) or e.g. "sem/mean_iou".
+        val_mode: "whole" or "slide" validation (`kfcn.evaluation.predict`).
+        val_crop_size: window of "slide".
+        val_stride: stride of "slide" (default 2/3 of the window).
     """
 
     total_steps: int
@@ -81,6 +94,13 @@ class LoopConfig:
     log_every: int = 10
     weight_decay: float = 0.0
     step_timeout: float | None = None
+    aux_loss_weight: float = 0.4
+    task_loss_weights: dict[str, float] | None = None
+    loss_reduction: str = "mean"
+    selection_metric: str = "mean_iou"
+    val_mode: str = "whole"
+    val_crop_size: tuple[int, int] | None = None
+    val_stride: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -111,6 +131,8 @@ class TrainResult:
         metrics: the last validation scores (see `validate`), or None.
         images_per_second: mean training throughput after the first logging window
             (which includes tracing), or over the whole run if it was the only one.
+        best: the best validation so far (`{"step", "metric", "value", "weights"}`,
+            see `BestModel`), or None.
     """
 
     start_step: int
@@ -118,6 +140,7 @@ class TrainResult:
     checkpoint: str | None
     metrics: dict[str, Any] | None
     images_per_second: float | None
+    best: dict[str, Any] | None = None
 
 
 def _default_loss_fn() -> LossFn:
@@ -151,25 +174,48 @@ def make_train_step(
     class_weights: Any = None,
     weight_decay: float = 0.0,
     loss_fn: LossFn | None = None,
-) -> Callable[[Any], tuple[tf.Tensor, tf.Tensor]]:
+    aux_loss_weight: float = 0.4,
+    task_loss_weights: dict[str, float] | None = None,
+    loss_reduction: str = "mean",
+) -> Callable[[Any], tuple[Any, ...]]:
     """Builds the distributed train step.
+
+    The loss is `sum_k w_k * L_k` over the model's outputs k (see
+    `kfcn.training.outputs`): `L_k` is output k's summed cross-entropy divided
+    by its valid-pixel weight over the GLOBAL batch ("mean"), or not divided
+    ("sum": Caffe's `normalize: false`, the FCN reference solvers); `w_k` is 1
+    (or `task_loss_weights[k]`) for a main output and `aux_loss_weight` for
+    an "aux_*" output.
 
     Args:
         strategy: the strategy whose scope created `model` and `optimizer`.
-        model: maps images [b, h, w, 3] to logits [b, h, w, num_classes].
+        model: maps images to logits [b, h, w, num_classes], or to a dict of
+            them (task outputs and "aux_*" outputs).
         optimizer: a Keras optimizer, possibly a `LossScaleOptimizer` (float16).
         ignore_label: label value excluded from the loss.
-        class_weights: optional per-class loss weights [num_classes].
+        class_weights: optional per-class loss weights [num_classes], applied to
+            every output (single-task models).
         weight_decay: L2 coefficient on kernels (see the module docstring).
         loss_fn: `(labels, logits, *, ignore_label, class_weights) -> (loss_sum,
             weight_sum)`; defaults to `kfcn.losses.pixel_cross_entropy`.
+        aux_loss_weight: weight of each auxiliary output's loss (mmseg 0.4,
+            torchvision 0.5).
+        task_loss_weights: weight of each main output's loss by name (default 1).
+        loss_reduction: "mean" (per output, over the global batch's valid pixels)
+            or "sum" (unnormalised).
 
     Returns:
         A `tf.function` taking an iterator over the distributed dataset and
-        returning `(loss, l2, grad_norm)`: the global mean cross-entropy of the
-        step, the weight-decay term and the sum over replicas of the gradient
-        norms (0 under loss scaling), float32 scalars identical on every worker.
+        returning `(loss, l2, grad_norm, output_losses)`: the global weighted
+        data loss of the step, the weight-decay term, the sum over replicas of
+        the gradient norms (0 under loss scaling), float32 scalars identical on
+        every worker, and `{output name: its unweighted loss L_k}`.
     """
+    if loss_reduction not in outputs_lib.LOSS_REDUCTIONS:
+        raise ValueError(
+            f"`loss_reduction` must be one of {', '.join(outputs_lib.LOSS_REDUCTIONS)}. "
+            f"Received: loss_reduction={loss_reduction!r}"
+        )
     loss_fn = loss_fn or _default_loss_fn()
     _build_optimizer(strategy, model, optimizer)
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
@@ -177,15 +223,38 @@ def make_train_step(
     num_replicas = strategy.num_replicas_in_sync
     loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def replica_step(images: Any, labels: Any) -> tuple[Any, ...]:
         context = tf.distribute.get_replica_context()
         with tf.GradientTape() as tape:
-            logits = tf.cast(model(images, training=True), tf.float32)
-            loss_sum, weight_sum = loss_fn(
-                labels, logits, ignore_label=ignore_label, class_weights=weights
+            outputs = model(images, training=True)
+            if not isinstance(outputs, dict):
+                outputs = {outputs_lib.LOGITS_KEY: outputs}
+            pairs = outputs_lib.loss_weights(
+                sorted(outputs),
+                sorted(labels) if isinstance(labels, dict) else None,
+                aux_loss_weight=aux_loss_weight,
+                task_loss_weights=task_loss_weights,
             )
-            global_weight = context.all_reduce(tf.distribute.ReduceOp.SUM, weight_sum)
-            data_loss = loss_sum / tf.maximum(global_weight, 1e-12)
+            sums, pixel_weights = [], []
+            for name, (key, _) in pairs.items():
+                loss_sum, weight_sum = loss_fn(
+                    labels if key is None else labels[key],
+                    tf.cast(outputs[name], tf.float32),
+                    ignore_label=ignore_label,
+                    class_weights=weights,
+                )
+                sums.append(loss_sum)
+                pixel_weights.append(weight_sum)
+            if loss_reduction == "mean":
+                # One all-reduce for every output's valid-pixel weight.
+                global_weights = context.all_reduce(
+                    tf.distribute.ReduceOp.SUM, tf.stack(pixel_weights)
+                )
+                per_output = tf.stack(sums) / tf.maximum(global_weights, 1e-12)
+            else:
+                per_output = tf.stack(sums)
+            output_weights = tf.constant([w for _, w in pairs.values()], tf.float32)
+            data_loss = tf.reduce_sum(output_weights * per_output)
             if weight_decay and kernels:
                 # Divided by the replica count because the optimizer sums the
                 # replicas' gradients: the decay must be counted once.
@@ -211,15 +280,22 @@ def make_train_step(
             # ReLU); they would poison the weights before the loss shows it.
             grad_norm = tf.linalg.global_norm([g for g in grads if g is not None])
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return data_loss, l2, grad_norm
+        output_losses = {name: per_output[i] for i, name in enumerate(pairs)}
+        return data_loss, l2, grad_norm, output_losses
 
     @tf.function
-    def train_step(iterator: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def train_step(iterator: Any) -> tuple[Any, ...]:
         images, labels = next(iterator)
-        data_loss, l2, grad_norm = strategy.run(replica_step, args=(images, labels))
-        return tuple(
-            strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-            for value in (data_loss, l2, grad_norm)
+        data_loss, l2, grad_norm, output_losses = strategy.run(replica_step, args=(images, labels))
+
+        def total(value: Any) -> tf.Tensor:
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+        return (
+            total(data_loss),
+            total(l2),
+            total(grad_norm),
+            {name: total(value) for name, value in output_losses.items()},
         )
 
     return train_step
@@ -245,31 +321,40 @@ def validate(
     model: keras.Model,
     dataset: tf.data.Dataset,
     *,
-    num_classes: int,
+    num_classes: int | dict[str, int] | None,
     ignore_label: int = 255,
     strategy: tf.distribute.Strategy | None = None,
     heartbeat: Callable[[], None] | None = None,
-    on_image: Callable[[int, str, Any, np.ndarray, np.ndarray], None] | None = None,
+    on_image: Callable[[int, str, Any, Any, Any], None] | None = None,
+    mode: str = "whole",
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Scores `model` on `dataset` (the local shard under multi-worker training).
 
     Runs `kfcn.evaluation.accumulate_confusion`, the evaluation loop of
-    `kfcn evaluate`, on whole images, then sums the workers' matrices.
+    `kfcn evaluate`, on whole images, then sums the workers' matrices (all
+    tasks' matrices in one all-reduce). Auxiliary outputs are not scored.
 
     Args:
         model: the segmentation model.
         dataset: yields `(images [1, H, W, 3], labels [1, H, W], ...)` as
-            `kfcn.data.pipeline.eval_pipeline` does.
-        num_classes: number of classes.
+            `kfcn.data.pipeline.eval_pipeline` does (dict labels for a
+            multi-task model).
+        num_classes: number of classes, or `{task: classes}`; None takes them
+            from the model's outputs.
         ignore_label: label value left out of the scores.
         strategy: when given and multi-worker, the workers' confusion matrices
             are summed, so every worker returns the scores of the whole set.
         heartbeat: called after every image (keeps the watchdog quiet).
         on_image: also called after every image, see `accumulate_confusion`.
+        mode: "whole" images or "slide" windows of `crop_size` every `stride`.
+        crop_size: the window of "slide".
+        stride: the window stride of "slide".
 
     Returns:
-        The dict of `kfcn.metrics.scores` plus "confusion" (nested lists) and
-        "num_images".
+        For one task, the dict of `kfcn.metrics.scores` plus "confusion" (nested
+        lists); for several, `{task: that dict}`; either way with "num_images".
     """
 
     def after_image(*args: Any) -> None:
@@ -279,19 +364,86 @@ def validate(
             on_image(*args)
 
     confusion, num_images = evaluation.accumulate_confusion(
-        model, dataset, num_classes, ignore_label, on_image=after_image
+        model,
+        dataset,
+        num_classes,
+        ignore_label,
+        mode,
+        crop_size=crop_size,
+        stride=stride,
+        on_image=after_image,
     )
+    matrices = confusion if isinstance(confusion, dict) else {"": confusion}
     if strategy is not None:
         info = worker_info(strategy)
-        summed = _sum_over_workers(
-            strategy, info, np.concatenate([confusion.ravel(), [num_images]]).astype(np.float64)
-        )
-        confusion = np.rint(summed[:-1]).astype(np.int64).reshape(confusion.shape)
+        flat = [matrices[t].ravel() for t in sorted(matrices)] + [[num_images]]
+        summed = _sum_over_workers(strategy, info, np.concatenate(flat).astype(np.float64))
+        offset = 0
+        for task in sorted(matrices):
+            size = matrices[task].size
+            matrices[task] = (
+                np.rint(summed[offset : offset + size])
+                .astype(np.int64)
+                .reshape(matrices[task].shape)
+            )
+            offset += size
         num_images = int(round(summed[-1]))
-    scores = metrics.scores(confusion)
-    scores["confusion"] = confusion.tolist()
-    scores["num_images"] = num_images
-    return scores
+
+    def task_scores(matrix: np.ndarray) -> dict[str, Any]:
+        scores = metrics.scores(matrix)
+        scores["confusion"] = matrix.tolist()
+        return scores
+
+    if isinstance(confusion, dict):
+        result: dict[str, Any] = {task: task_scores(m) for task, m in matrices.items()}
+    else:
+        result = task_scores(matrices[""])
+    result["num_images"] = num_images
+    return result
+
+
+class BestModel:
+    """The best validation so far: `model_dir/best.json` and `best.weights.h5` (chief).
+
+    mmsegmentation's `save_best` keeps the checkpoint of the best score; here the
+    model's weights at the best validation are written beside the checkpoints
+    (`model.load_weights(".../best.weights.h5")` restores them into the same
+    architecture), and best.json says which step and score. A resumed run reads
+    best.json, so "best" spans the whole run.
+    """
+
+    JSON = "best.json"
+    WEIGHTS = "best.weights.h5"
+
+    def __init__(self, model_dir: str, metric: str, is_chief: bool) -> None:
+        self.metric = metric
+        self.is_chief = is_chief
+        self.json_path = os.path.join(model_dir, self.JSON)
+        self.weights_path = os.path.join(model_dir, self.WEIGHTS)
+        self.record: dict[str, Any] | None = None
+        if os.path.exists(self.json_path):
+            with open(self.json_path, encoding="utf-8") as f:
+                record = json.load(f)
+            if record.get("metric") == metric:
+                self.record = record
+
+    def update(self, model: keras.Model, scores: dict[str, Any], step: int) -> bool:
+        """Keeps `model`'s weights if `scores` beat the best; returns whether they did."""
+        value = outputs_lib.selection_value(scores, self.metric)
+        if not outputs_lib.is_better(value, None if self.record is None else self.record["value"]):
+            return False
+        self.record = {
+            "step": step,
+            "metric": self.metric,
+            "value": value,
+            "weights": self.weights_path,
+        }
+        if self.is_chief:
+            partial = self.weights_path[: -len(".weights.h5")] + ".partial.weights.h5"
+            model.save_weights(partial)
+            os.replace(partial, self.weights_path)
+            files.write_json_atomically(self.record, self.json_path)
+        return True
 
 
 class _Watchdog:
@@ -485,7 +637,11 @@ def train(
         class_weights=class_weights,
         weight_decay=config.weight_decay,
         loss_fn=loss_fn,
+        aux_loss_weight=config.aux_loss_weight,
+        task_loss_weights=config.task_loss_weights,
+        loss_reduction=config.loss_reduction,
     )
+    best = BestModel(model_dir, config.selection_metric, info.is_chief)
     distributed = strategy.distribute_datasets_from_function(
         lambda context: train_dataset_fn(context, start_step)
     )
@@ -509,7 +665,13 @@ def train(
 
         def keep_overlay(index: int, name: str, image: Any, label: Any, prediction: Any) -> None:
             if index <= num_overlays:
-                rgb = np.clip(np.asarray(image)[0], 0, 255).astype(np.uint8)
+                # RGB-HHA inputs show their "rgb" stream, RGB-D its first three channels,
+                # a multi-task model its first task.
+                if isinstance(image, dict):
+                    image = image.get("rgb", next(iter(image.values())))
+                if isinstance(prediction, dict):
+                    prediction = prediction[sorted(prediction)[0]]
+                rgb = np.clip(np.asarray(image)[0][..., :3], 0, 255).astype(np.uint8)
                 overlays.append((name or str(index), overlay_fn(rgb, prediction)))
 
         scores = validate(
@@ -520,20 +682,37 @@ def train(
             strategy=strategy,
             heartbeat=watchdog.beat,
             on_image=keep_overlay if overlay_fn is not None and info.is_chief else None,
+            mode=config.val_mode,
+            crop_size=config.val_crop_size,
+            stride=config.val_stride,
         )
-        logger.info(
-            "validation step %d: mean IoU %.4f, pixel accuracy %.4f, mean accuracy %.4f "
-            "(%d images)",
-            step,
-            scores["mean_iou"],
-            scores["pixel_accuracy"],
-            scores["mean_accuracy"],
-            scores["num_images"],
-        )
+        for task, task_scores in _task_scores(scores).items():
+            logger.info(
+                "validation step %d%s: mean IoU %.4f, pixel accuracy %.4f, mean accuracy %.4f "
+                "(%d images)",
+                step,
+                f" {task}" if task else "",
+                task_scores["mean_iou"],
+                task_scores["pixel_accuracy"],
+                task_scores["mean_accuracy"],
+                scores["num_images"],
+            )
+        improved = best.update(model, scores, step)
+        if improved:
+            logger.info(
+                "Best %s so far: %.4f at step %d (%s)",
+                best.metric,
+                best.record["value"],
+                step,
+                best.weights_path,
+            )
         with eval_writer.as_default():
-            _scalar("mean_iou", scores["mean_iou"], step)
-            _scalar("pixel_accuracy", scores["pixel_accuracy"], step)
-            _scalar("mean_accuracy", scores["mean_accuracy"], step)
+            for task, task_scores in _task_scores(scores).items():
+                prefix = f"{task}/" if task else ""
+                for key in ("mean_iou", "pixel_accuracy", "mean_accuracy"):
+                    _scalar(f"{prefix}{key}", task_scores[key], step)
+            if best.record is not None:
+                _scalar(f"best_{best.metric}", best.record["value"], step)
             for index, (name, picture) in enumerate(overlays):
                 _image(f"prediction_{index}", picture, step, description=name)
         eval_writer.flush()
@@ -542,7 +721,8 @@ def train(
     with _Watchdog(config.step_timeout, lambda: f"at step {step}") as watchdog:
         while step < config.total_steps:
             with _collective_failures(info, step, last_saved):
-                loss, l2, grad_norm = (float(v) for v in train_step(iterator))
+                loss, l2, grad_norm, output_losses = train_step(iterator)
+                loss, l2, grad_norm = float(loss), float(l2), float(grad_norm)
             if not all(math.isfinite(v) for v in (loss, l2, grad_norm)):
                 raise NonFiniteLossError(
                     f"Loss is {loss} (l2 {l2}, gradient norm {grad_norm}) at step {step + 1}: "
@@ -577,6 +757,9 @@ def train(
                 )
                 with train_writer.as_default():
                     _scalar("loss", loss, step)
+                    if len(output_losses) > 1:  # each output's unweighted loss
+                        for name, value in output_losses.items():
+                            _scalar(f"loss_{name}", float(value), step)
                     _scalar("l2", l2, step)
                     _scalar("gradient_norm", grad_norm, step)
                     _scalar("learning_rate", lr, step)
@@ -608,4 +791,13 @@ def train(
         images_per_second = first_steps * config.global_batch_size / first_time
     else:
         images_per_second = None
-    return TrainResult(start_step, step, checkpoint.latest, last_scores, images_per_second)
+    return TrainResult(
+        start_step, step, checkpoint.latest, last_scores, images_per_second, best.record
+    )
+
+
+def _task_scores(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`{task: scores}` of `validate`'s result ({"": scores} for one task)."""
+    if "mean_iou" in scores:
+        return {"": scores}
+    return {k: v for k, v in scores.items() if isinstance(v, dict)}

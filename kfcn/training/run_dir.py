@@ -6,6 +6,7 @@
         logs/          TensorBoard: train/ and validation/
         model.keras    the final model (float32), with the dataset's class names and palette
         result.json    steps, validation scores, throughput and what the settings resolved to
+        best.json, best.weights.h5   the best validation's step and score, and its weights
 
 Only the chief writes; every file is put in place atomically (`kfcn.files`), so
 a resumed run or a reader never sees a half-written one.
@@ -53,6 +54,8 @@ class FitResult:
         validation: the last validation scores (`kfcn.metrics.scores` keys plus
             "num_images"), or None.
         images_per_second: training throughput, or None.
+        best: the best validation (`{"step", "metric", "value", "weights"}`: the
+            weights file `model_dir/best.weights.h5`), or None.
         run: what the settings resolved to (seed, replicas, steps per epoch,
             classes, dtype policy, class weights).
         is_chief: whether this process wrote the files (not in result.json).
@@ -66,6 +69,7 @@ class FitResult:
     already_complete: bool = False
     validation: dict[str, Any] | None = None
     images_per_second: float | None = None
+    best: dict[str, Any] | None = None
     run: dict[str, Any] = dataclasses.field(default_factory=dict)
     is_chief: bool = True
 

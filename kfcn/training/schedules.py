@@ -11,19 +11,28 @@ SCHEDULES = ("poly", "fixed")
 
 
 def learning_rate_schedule(
-    name: str, learning_rate: float, total_steps: int, *, power: float = 0.9
+    name: str,
+    learning_rate: float,
+    total_steps: int,
+    *,
+    power: float = 0.9,
+    end_learning_rate: float = 0.0,
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """Returns the learning rate for the optimizer.
 
     "fixed" is the constant rate of the FCN paper (Long et al. 2015, Sec. 4.3);
-    "poly" is `learning_rate * (1 - step / total_steps) ** power`, the schedule
-    of later segmentation work (ParseNet, DeepLab), reaching 0 at `total_steps`.
+    "poly" is `(learning_rate - end) * (1 - step / total_steps) ** power + end`,
+    the schedule of later segmentation work (ParseNet, DeepLab; mmsegmentation's
+    `PolyLR` with `eta_min=1e-4`, `power=0.9`), reaching `end_learning_rate` at
+    `total_steps` and staying there.
 
     Args:
         name: one of `SCHEDULES`.
         learning_rate: the initial (or constant) rate, > 0.
         total_steps: number of training steps of the whole run, >= 1.
         power: exponent of the poly schedule.
+        end_learning_rate: the poly schedule's final rate (mmseg's `eta_min`), in
+            [0, learning_rate).
 
     Returns:
         A float for "fixed", a `LearningRateSchedule` called with the
@@ -38,6 +47,11 @@ def learning_rate_schedule(
         raise ValueError(f"`learning_rate` must be > 0. Received: learning_rate={learning_rate}")
     if total_steps < 1:
         raise ValueError(f"`total_steps` must be >= 1. Received: total_steps={total_steps}")
+    if not 0 <= end_learning_rate < learning_rate:
+        raise ValueError(
+            f"`end_learning_rate` must be in [0, learning_rate={learning_rate}). "
+            f"Received: end_learning_rate={end_learning_rate}"
+        )
     if name == "fixed":
         return float(learning_rate)
     import keras
@@ -45,6 +59,6 @@ def learning_rate_schedule(
     return keras.optimizers.schedules.PolynomialDecay(
         initial_learning_rate=learning_rate,
         decay_steps=total_steps,
-        end_learning_rate=0.0,
+        end_learning_rate=float(end_learning_rate),
         power=power,
     )
