@@ -371,8 +371,13 @@ def test_output_stride_geometry_and_shapes(output_stride):
         assert out[1].shape == shape
 
 
-def test_bottleneck_dilates_conv2():
-    model = resnet.ResNet50V1c(include_top=False, output_stride=8, multi_grid=None)
+@pytest.fixture(scope="module")
+def r50c_d8():
+    return resnet.ResNet50V1c(include_top=False, output_stride=8)
+
+
+def test_bottleneck_dilates_conv2(r50c_d8):
+    model = r50c_d8
     assert model.get_layer("layer4_0_conv2").dilation_rate == (2, 2)
     assert model.get_layer("layer4_2_conv2").dilation_rate == (4, 4)
     assert model.get_layer("layer4_0_conv1").dilation_rate == (1, 1)
@@ -450,7 +455,7 @@ def test_keras_weights_file(r18c, tmp_path):
 
 
 @pytest.mark.slow
-def test_bottleneck_output_stride_8_is_filter_rarefaction():
+def test_bottleneck_output_stride_8_is_filter_rarefaction(r50c_d8):
     # With contract_dilation, mmseg's D8 Bottleneck ResNet is exactly the paper's
     # filter rarefaction of the stride-32 network (section 3.2): its stride-8
     # map, sampled every 4 pixels, is the original one. kfcn.dilate (the
@@ -458,7 +463,7 @@ def test_bottleneck_output_stride_8_is_filter_rarefaction():
     # leaves its conv2 undilated.)
     dilation = pytest.importorskip("kfcn.dilation")
     original = resnet.ResNet50V1c(include_top=False)
-    ours = resnet.ResNet50V1c(include_top=False, output_stride=8)
+    ours = r50c_d8
     rng = np.random.default_rng(11)
     for layer in original.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
