@@ -20,6 +20,16 @@ channel dimension of `images` is left unknown in the signature on purpose: a
 static 3 would let the graph optimizer fold the channel check away, and
 TensorFlow Serving does not check fed shapes against the signature.
 
+Models of the other kinds (`kfcn.export.model_io`):
+
+- RGB-D (`modality="rgbd"`): `serving_default` takes `rgb`, uint8 [batch, height,
+  width, 3], and `depth`, uint16 [batch, height, width, 1] as the NYUDv2 PNG holds
+  it; no `serving_bytes`.
+- RGB-HHA (`modality="rgb+hha"`): `serving_default` takes `rgb` and `hha`, uint8
+  [batch, height, width, 3] each, of one size; no `serving_bytes`.
+- Multi-task (`heads=`): every output per task, `class_ids_sem`, `class_ids_geo`,
+  `probabilities_sem`, `probabilities_geo`, for each signature.
+
 Loading needs TensorFlow only (no kfcn import):
 
     >>> serve = tf.saved_model.load(export_dir).signatures["serving_default"]
@@ -32,7 +42,7 @@ from __future__ import annotations
 import logging
 import os
 
-from kfcn.export.artifacts import check_segmentation_model
+from kfcn.export import model_io
 from kfcn.files import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -42,6 +52,9 @@ SIGNATURE_IMAGES = "serving_default"
 SIGNATURE_BYTES = "serving_bytes"
 INPUT_IMAGES = "images"
 INPUT_BYTES = "image_bytes"
+INPUT_RGB = "rgb"
+INPUT_DEPTH = "depth"
+INPUT_HHA = "hha"
 OUTPUT_CLASS_IDS = "class_ids"
 OUTPUT_PROBABILITIES = "probabilities"
 
@@ -55,7 +68,7 @@ def _serving_module_class():
     class SegmentationServingModule(tf.Module):
         """Holds the Keras model and the two serving functions."""
 
-        def __init__(self, model, include_probabilities: bool, max_pixels: int):
+        def __init__(self, model, include_probabilities: bool, max_pixels: int, io):
             super().__init__(name="kfcn_serving")
             self.model = model
             # Track the tf.Variables themselves: through the Keras model alone the
@@ -63,14 +76,35 @@ def _serving_module_class():
             self.model_variables = [getattr(v, "value", v) for v in model.weights]
             self._include_probabilities = include_probabilities
             self._max_pixels = int(max_pixels)
-            self.serving_default = tf.function(
-                self._serve_images,
-                input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, INPUT_IMAGES)],
-            )
-            self.serving_bytes = tf.function(
-                self._serve_bytes,
-                input_signature=[tf.TensorSpec([None], tf.string, INPUT_BYTES)],
-            )
+            self._io = io
+            any_shape = [None, None, None, None]
+            if io.modality == model_io.RGBD:
+                self.serving_default = tf.function(
+                    self._serve_rgbd,
+                    input_signature=[
+                        tf.TensorSpec(any_shape, tf.uint8, INPUT_RGB),
+                        tf.TensorSpec(any_shape, tf.uint16, INPUT_DEPTH),
+                    ],
+                )
+                self.serving_bytes = None
+            elif io.modality == model_io.RGB_HHA:
+                self.serving_default = tf.function(
+                    self._serve_rgb_hha,
+                    input_signature=[
+                        tf.TensorSpec(any_shape, tf.uint8, INPUT_RGB),
+                        tf.TensorSpec(any_shape, tf.uint8, INPUT_HHA),
+                    ],
+                )
+                self.serving_bytes = None
+            else:
+                self.serving_default = tf.function(
+                    self._serve_images,
+                    input_signature=[tf.TensorSpec(any_shape, tf.uint8, INPUT_IMAGES)],
+                )
+                self.serving_bytes = tf.function(
+                    self._serve_bytes,
+                    input_signature=[tf.TensorSpec([None], tf.string, INPUT_BYTES)],
+                )
 
         def _check_size(self, height, width, what: str):
             pixels = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
@@ -92,13 +126,60 @@ def _serving_module_class():
             ]
 
         def _segment(self, images):
-            logits = self.model(tf.cast(images, tf.float32), training=False)
-            # tf.argmax, not keras.ops.argmax: the latter lowers to ops TFLite and
-            # some serving stacks handle badly.
-            outputs = {OUTPUT_CLASS_IDS: tf.argmax(logits, axis=-1, output_type=tf.int32)}
-            if self._include_probabilities:
-                outputs[OUTPUT_PROBABILITIES] = tf.nn.softmax(tf.cast(logits, tf.float32), -1)
+            logits = self.model(images, training=False)
+            if not isinstance(logits, dict):
+                logits = {None: logits}
+            outputs = {}
+            for task, task_logits in logits.items():
+                # tf.argmax, not keras.ops.argmax: the latter lowers to ops TFLite and
+                # some serving stacks handle badly.
+                outputs[model_io.output_name(OUTPUT_CLASS_IDS, task)] = tf.argmax(
+                    task_logits, axis=-1, output_type=tf.int32
+                )
+                if self._include_probabilities:
+                    outputs[model_io.output_name(OUTPUT_PROBABILITIES, task)] = tf.nn.softmax(
+                        tf.cast(task_logits, tf.float32), -1
+                    )
             return outputs
+
+        def _checked(self, tensor, name: str, channels: int, reference=None):
+            """`tensor` after the batch, channel and size checks (and the same size as
+            `reference`, the request's first input)."""
+            shape = tf.shape(tensor)
+            checks = [
+                tf.debugging.assert_positive(
+                    shape[0], message=f"`{name}` must hold at least one image (batch size 0)"
+                ),
+                tf.debugging.assert_equal(
+                    shape[3],
+                    channels,
+                    message=f"`{name}` must be [batch, height, width, {channels}]; the last "
+                    f"dimension is not {channels}",
+                ),
+                *self._check_size(shape[1], shape[2], f"`{name}`"),
+            ]
+            if reference is not None:
+                checks.append(
+                    tf.debugging.assert_equal(
+                        shape[:3],
+                        tf.shape(reference)[:3],
+                        message=f"`{name}` must have the batch size, height and width of "
+                        f"`{INPUT_RGB}`",
+                    )
+                )
+            with tf.control_dependencies(checks):
+                return tf.ensure_shape(tf.identity(tensor), [None, None, None, channels])
+
+        def _serve_rgbd(self, rgb, depth):
+            rgb = self._checked(rgb, INPUT_RGB, 3)
+            depth = self._checked(depth, INPUT_DEPTH, 1, reference=rgb)
+            images = tf.concat([tf.cast(rgb, tf.float32), tf.cast(depth, tf.float32)], -1)
+            return self._segment(images)
+
+        def _serve_rgb_hha(self, rgb, hha):
+            rgb = self._checked(rgb, INPUT_RGB, 3)
+            hha = self._checked(hha, INPUT_HHA, 3, reference=rgb)
+            return self._segment({"rgb": tf.cast(rgb, tf.float32), "hha": tf.cast(hha, tf.float32)})
 
         def _serve_images(self, images):
             shape = tf.shape(images)
@@ -116,7 +197,7 @@ def _serving_module_class():
             ]
             with tf.control_dependencies(checks):
                 images = tf.ensure_shape(tf.identity(images), [None, None, None, 3])
-            return self._segment(images)
+            return self._segment(tf.cast(images, tf.float32))
 
         def _header_size(self, args):
             index, data = args
@@ -197,7 +278,7 @@ def _serving_module_class():
                     tf.identity(image_bytes),
                     fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
                 )
-            return self._segment(images)
+            return self._segment(tf.cast(images, tf.float32))
 
     return SegmentationServingModule
 
@@ -207,8 +288,13 @@ def build_serving_module(
 ):
     """Wraps a kfcn model in a tf.Module with the `images` and `image_bytes` functions.
 
+    RGB-D and RGB-HHA models get one `serving_default` function of their two
+    inputs instead (see the module docstring); multi-task models return each
+    output per task.
+
     Args:
-        model: A kfcn segmentation keras.Model (0..255 RGB in, logits out).
+        model: A kfcn segmentation keras.Model (0..255 RGB in, logits out), or
+            one of the other kinds `kfcn.export.model_io` describes.
         include_probabilities: Also return the softmax probabilities.
         max_pixels: Largest height*width accepted per image.
 
@@ -218,18 +304,39 @@ def build_serving_module(
     Raises:
         ValueError: If `model` is not a kfcn model or `max_pixels` < 1.
     """
-    check_segmentation_model(model)
+    io = model_io.describe(model)
     if int(max_pixels) < 1:
         raise ValueError(f"`max_pixels` must be >= 1. Received: max_pixels={max_pixels}")
-    return _serving_module_class()(model, include_probabilities, max_pixels)
+    return _serving_module_class()(model, include_probabilities, max_pixels, io)
 
 
 def signatures_of(module) -> dict:
     """The concrete functions to save as the SavedModel's signatures."""
-    return {
-        SIGNATURE_IMAGES: module.serving_default.get_concrete_function(),
-        SIGNATURE_BYTES: module.serving_bytes.get_concrete_function(),
-    }
+    signatures = {SIGNATURE_IMAGES: module.serving_default.get_concrete_function()}
+    if module.serving_bytes is not None:
+        signatures[SIGNATURE_BYTES] = module.serving_bytes.get_concrete_function()
+    return signatures
+
+
+def example_inputs(signature, height: int, width: int, batch: int = 1) -> dict:
+    """Mid-grey (depth 2.5 m) inputs for a kfcn signature, by its input names and dtypes.
+
+    For `verify_saved_model` and the TF Serving warmup requests.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    specs = signature.structured_input_signature[1]
+    inputs = {}
+    for name, spec in specs.items():
+        if spec.dtype == tf.string:
+            image = np.full((height, width, 3), 128, np.uint8)
+            inputs[name] = tf.constant([tf.io.encode_png(image).numpy()] * batch)
+        elif name == INPUT_DEPTH:
+            inputs[name] = tf.constant(np.full((batch, height, width, 1), 2500, np.uint16))
+        else:
+            inputs[name] = tf.constant(np.full((batch, height, width, 3), 128, np.uint8))
+    return inputs
 
 
 def write_saved_model(
@@ -249,32 +356,33 @@ def write_saved_model(
 
 
 def verify_saved_model(directory: str | os.PathLike, include_probabilities: bool = True) -> None:
-    """Reloads a SavedModel and runs both signatures on a small image.
+    """Reloads a SavedModel and runs every signature on a small image.
 
     Raises:
         RuntimeError: If a signature is missing or returns the wrong shapes.
     """
-    import numpy as np
     import tensorflow as tf
 
     loaded = tf.saved_model.load(os.fspath(directory))
-    missing = {SIGNATURE_IMAGES, SIGNATURE_BYTES} - set(loaded.signatures)
-    if missing:
-        raise RuntimeError(f"SavedModel {directory!r} lacks signatures {sorted(missing)}")
-    image = np.zeros((1, 37, 45, 3), np.uint8)
-    encoded = tf.io.encode_png(image[0])
-    results = {
-        SIGNATURE_IMAGES: loaded.signatures[SIGNATURE_IMAGES](images=tf.constant(image)),
-        SIGNATURE_BYTES: loaded.signatures[SIGNATURE_BYTES](image_bytes=tf.reshape(encoded, [1])),
-    }
-    for name, outputs in results.items():
-        if tuple(outputs[OUTPUT_CLASS_IDS].shape) != (1, 37, 45):
-            raise RuntimeError(
-                f"SavedModel {directory!r}: {name} returned class_ids of shape "
-                f"{tuple(outputs[OUTPUT_CLASS_IDS].shape)} for a 37x45 image"
-            )
-        if include_probabilities != (OUTPUT_PROBABILITIES in outputs):
+    if SIGNATURE_IMAGES not in loaded.signatures:
+        raise RuntimeError(f"SavedModel {directory!r} lacks signature {SIGNATURE_IMAGES!r}")
+    inputs = loaded.signatures[SIGNATURE_IMAGES].structured_input_signature[1]
+    if INPUT_IMAGES in inputs and SIGNATURE_BYTES not in loaded.signatures:
+        raise RuntimeError(f"SavedModel {directory!r} lacks signature {SIGNATURE_BYTES!r}")
+    for name, signature in loaded.signatures.items():
+        outputs = signature(**example_inputs(signature, 37, 45))
+        class_ids = [key for key in outputs if key.startswith(OUTPUT_CLASS_IDS)]
+        if not class_ids:
             raise RuntimeError(f"SavedModel {directory!r}: {name} outputs {sorted(outputs)}")
+        for key in class_ids:
+            if tuple(outputs[key].shape) != (1, 37, 45):
+                raise RuntimeError(
+                    f"SavedModel {directory!r}: {name} returned {key} of shape "
+                    f"{tuple(outputs[key].shape)} for a 37x45 image"
+                )
+            probabilities = OUTPUT_PROBABILITIES + key[len(OUTPUT_CLASS_IDS) :]
+            if include_probabilities != (probabilities in outputs):
+                raise RuntimeError(f"SavedModel {directory!r}: {name} outputs {sorted(outputs)}")
 
 
 def export_saved_model(
@@ -311,7 +419,7 @@ def export_saved_model(
         ValueError: If `model` is not a kfcn model.
         FileExistsError: If `export_dir` exists and `overwrite` is False.
     """
-    check_segmentation_model(model)
+    model_io.describe(model)
     export_dir = os.path.abspath(os.fspath(export_dir))
     with atomic_output(export_dir, overwrite=overwrite, is_dir=True) as tmp:
         write_saved_model(

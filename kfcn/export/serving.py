@@ -33,8 +33,8 @@ import os
 import re
 import shutil
 
+from kfcn.export import model_io
 from kfcn.export import saved_model as saved_model_lib
-from kfcn.export.artifacts import check_segmentation_model
 from kfcn.files import replace_path, write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def write_warmup_requests(
     sizes=DEFAULT_WARMUP_SIZES,
     batch_size: int = 1,
     signatures=(saved_model_lib.SIGNATURE_IMAGES, saved_model_lib.SIGNATURE_BYTES),
+    modality: str = "rgb",
 ) -> int:
     """Writes TF Serving warmup requests: a TFRecord of PredictionLog protos.
 
@@ -145,6 +146,10 @@ def write_warmup_requests(
         sizes: (height, width) pairs.
         batch_size: Images per request.
         signatures: Signature names to warm up.
+        modality: The model's inputs (`kfcn.export.model_io`): "rgb" (`images`,
+            or `image_bytes`), "rgbd" (`rgb` uint8 and `depth` uint16, 2.5 m) or
+            "rgb+hha" (`rgb` and `hha`, uint8); the last two have only
+            `serving_default`.
 
     Returns:
         The number of records written.
@@ -159,7 +164,14 @@ def write_warmup_requests(
         for height, width in sizes:
             image = np.full((batch_size, int(height), int(width), 3), 128, np.uint8)
             for signature in signatures:
-                if signature == saved_model_lib.SIGNATURE_BYTES:
+                if modality != "rgb":
+                    inputs = {saved_model_lib.INPUT_RGB: tf.make_tensor_proto(image)}
+                    if modality == "rgbd":
+                        depth = np.full((batch_size, int(height), int(width), 1), 2500, np.uint16)
+                        inputs[saved_model_lib.INPUT_DEPTH] = tf.make_tensor_proto(depth)
+                    else:
+                        inputs[saved_model_lib.INPUT_HHA] = tf.make_tensor_proto(image)
+                elif signature == saved_model_lib.SIGNATURE_BYTES:
                     encoded = tf.io.encode_jpeg(image[0]).numpy()
                     inputs = {
                         saved_model_lib.INPUT_BYTES: tf.make_tensor_proto(
@@ -358,7 +370,9 @@ def export_for_serving(
     """Exports a kfcn model as one version of a TensorFlow Serving model.
 
     Args:
-        model: A kfcn segmentation keras.Model.
+        model: A kfcn segmentation keras.Model (any kind `kfcn.export.model_io`
+            describes: RGB-D, RGB-HHA and multi-task models get their own
+            signature and warmup requests).
         base_path: Directory holding one subdirectory per model name.
         model_name: The model's name on the server (letters, digits, `_.-`).
         version: Version number (>= 1); default: the largest existing + 1.
@@ -382,7 +396,7 @@ def export_for_serving(
         ValueError: For a bad `model_name`, `version` or model.
         FileExistsError: If the version exists and `overwrite` is False.
     """
-    check_segmentation_model(model)
+    io = model_io.describe(model)
     if not isinstance(model_name, str) or not _MODEL_NAME.match(model_name):
         raise ValueError(
             "`model_name` must start with a letter or digit and hold only letters, digits, "
@@ -413,7 +427,16 @@ def export_for_serving(
             model, tmp, include_probabilities=include_probabilities, max_pixels=max_pixels
         )
         if warmup_sizes:
-            write_warmup_requests(os.path.join(tmp, WARMUP_FILE), model_name, warmup_sizes)
+            signatures = (saved_model_lib.SIGNATURE_IMAGES,)
+            if io.modality == model_io.RGB:
+                signatures += (saved_model_lib.SIGNATURE_BYTES,)
+            write_warmup_requests(
+                os.path.join(tmp, WARMUP_FILE),
+                model_name,
+                warmup_sizes,
+                signatures=signatures,
+                modality=io.modality,
+            )
         if verify:
             saved_model_lib.verify_saved_model(tmp, include_probabilities)
             if warmup_sizes:
