@@ -44,6 +44,7 @@ from kfcn.training.config import (
     DILATED_VARIANTS,
     MODALITIES,
     OPTIMIZERS,
+    PHOTOMETRIC,
     VAL_MODES,
     TrainConfig,
 )
@@ -272,11 +273,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TASK:W,...",
     )
     add_bool(parser, "flip", True, "Random horizontal mirroring of training crops")
-    add_bool(
-        parser,
+    flag(
         "photometric",
-        False,
-        "Random photometric distortion (brightness, contrast, saturation, hue) of RGB",
+        "Colour augmentation of RGB: jitter (brightness, contrast, saturation, hue) or "
+        "mmseg (its PhotoMetricDistortion).",
+        choices=PHOTOMETRIC,
     )
     flag(
         "cat_max_ratio",

@@ -23,6 +23,8 @@ CLASS_WEIGHTINGS = ("none", "median_frequency")
 DILATED_VARIANTS = {"fcn_d8": (8, 1), "fcn_d16": (16, 1), "fcn_d6": (16, 6)}
 #: Input modalities of `kfcn.build_fcn(modality=...)` (NYUDv2, Long et al. CVPR 2015 section 5).
 MODALITIES = ("rgb", "rgbd", "hha", "rgb+hha")
+#: `photometric` settings (`kfcn.data.train_pipeline`).
+PHOTOMETRIC = ("none", "jitter", "mmseg")
 #: Validation test modes (`kfcn.evaluation.MODES` without msflip, too slow in a loop).
 VAL_MODES = ("whole", "slide")
 #: Score names `selection_metric` may take (optionally "<task>/<name>").
@@ -92,7 +94,9 @@ class TrainConfig:
         loss_reduction: "mean": each output's loss over the valid pixels of the
             global batch; "sum": unnormalised, the reference solvers' `normalize: false`.
         flip: Random horizontal mirroring.
-        photometric: Random photometric distortion of the RGB channels.
+        photometric: Colour augmentation of the RGB channels: "none", "jitter"
+            (brightness, contrast, saturation, hue) or "mmseg" (mmsegmentation's
+            `PhotoMetricDistortion`), see `kfcn.data.train_pipeline`.
         cat_max_ratio: Redraw a training crop (up to 10 times) while one class
             covers more than this fraction of it (mmseg 0.75); None disables.
         mixed_precision: float16 (GPU) or bfloat16 (CPU) compute.
@@ -158,7 +162,7 @@ class TrainConfig:
     task_loss_weights: dict[str, float] | None = None
     loss_reduction: str = "mean"
     flip: bool = True
-    photometric: bool = False
+    photometric: str = "none"
     cat_max_ratio: float | None = None
     mixed_precision: bool = False
     eval_every: int = 0
@@ -251,6 +255,7 @@ class TrainConfig:
             ("loss_reduction", LOSS_REDUCTIONS),
             ("modality", MODALITIES),
             ("val_mode", VAL_MODES),
+            ("photometric", PHOTOMETRIC),
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"must be one of {', '.join(allowed)}")
