@@ -15,6 +15,13 @@ Quantization:
              (resized to cover the input size, then center-cropped); float32 input
              and output, with QUANTIZE/DEQUANTIZE at the ends.
 
+Other kinds of model (`kfcn.export.model_io`): a multi-task model's file has one
+output per task, "logits_sem" and "logits_geo" (and "class_ids_<task>" with
+argmax); an RGB-D model's input is float32 [1, H, W, 4] "images" (RGB 0..255, then
+depth as the PNG holds it; its LOG op runs on the CPU runtime); an RGB-HHA model's
+file takes two inputs, "rgb" and "hha". int8 calibration reads image files, so it
+is refused for RGB-D and RGB-HHA models.
+
 Every exported file is checked with `gpu_compat` (builtin static graph, and the GPU
 delegate's op rules), and written under a temporary name then renamed.
 """
@@ -27,8 +34,8 @@ import os
 
 import numpy as np
 
-from kfcn.export import gpu_compat
-from kfcn.export.artifacts import check_input_size, check_segmentation_model
+from kfcn.export import gpu_compat, model_io
+from kfcn.export.artifacts import check_input_size
 from kfcn.files import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -60,28 +67,31 @@ class TFLiteExport:
 
 
 def rebuild_static(model, input_size: tuple[int, int]):
-    """Rebuilds a functional kfcn model with a fixed [1, H, W, 3] input.
+    """Rebuilds a functional kfcn model with fixed [1, H, W, C] inputs.
 
     Args:
-        model: A kfcn segmentation keras.Model (functional).
+        model: A kfcn segmentation keras.Model (functional; any kind
+            `kfcn.export.model_io` describes).
         input_size: (height, width).
 
     Returns:
-        A new keras.Model with the same weights and a static input shape.
+        A new keras.Model with the same weights and static input shapes.
 
     Raises:
         ValueError: If the architecture cannot take that size.
     """
-    num_classes = check_segmentation_model(model)
+    io = model_io.describe(model)
     height, width = check_input_size(input_size)
     config = model.get_config()
     inputs = [layer for layer in config.get("layers", []) if layer["class_name"] == "InputLayer"]
-    if len(inputs) != 1:
+    if len(inputs) != len(model.inputs) or not inputs:
         raise ValueError(
             "Only functional kfcn models can be rebuilt at a static size; this model's config "
-            f"has {len(inputs)} InputLayer entries"
+            f"has {len(inputs)} InputLayer entries for {len(model.inputs)} inputs"
         )
-    inputs[0]["config"]["batch_shape"] = (1, height, width, 3)
+    for entry in inputs:
+        channels = entry["config"]["batch_shape"][-1]
+        entry["config"]["batch_shape"] = (1, height, width, channels)
     try:
         static = model.__class__.from_config(config)
     except Exception as err:
@@ -89,13 +99,28 @@ def rebuild_static(model, input_size: tuple[int, int]):
             f"The model cannot be built at `input_size`={height}x{width}: {err}"
         ) from err
     static.set_weights(model.get_weights())
-    out_shape = tuple(static.outputs[0].shape)
-    if out_shape != (1, height, width, num_classes):
-        raise ValueError(
-            f"The model built at `input_size`={height}x{width} outputs shape {out_shape}; "
-            f"expected {(1, height, width, num_classes)}"
-        )
+    outputs = static.output if isinstance(static.output, dict) else {None: static.output}
+    for task, classes in io.tasks.items():
+        out_shape = tuple(outputs[task].shape)
+        if out_shape != (1, height, width, classes):
+            raise ValueError(
+                f"The model built at `input_size`={height}x{width} outputs shape {out_shape}"
+                f"{'' if task is None else f' for task {task!r}'}; expected "
+                f"{(1, height, width, classes)}"
+            )
     return static
+
+
+def _input_specs(static_model):
+    """(input names, TensorSpecs) of a static model, as the .tflite file names its inputs."""
+    import tensorflow as tf
+
+    if isinstance(static_model.input, dict):
+        names = sorted(static_model.input)
+        shapes = [tuple(static_model.input[name].shape) for name in names]
+    else:
+        names, shapes = ["images"], [tuple(static_model.inputs[0].shape)]
+    return names, [tf.TensorSpec(s, tf.float32, name=n) for n, s in zip(names, shapes)]
 
 
 def list_images(directory: str | os.PathLike) -> list[str]:
@@ -161,7 +186,7 @@ def convert(
 
     Args:
         static_model: A model from `rebuild_static`.
-        quantization: "none", "float16" or "int8".
+        quantization: "none", "float16" or "int8" (int8: single RGB input only).
         calibration_images: uint8 [H, W, 3] images for "int8".
         with_argmax: Add an int32 "class_ids" output (ARG_MAX, CPU only).
 
@@ -175,14 +200,24 @@ def convert(
             f"`quantization` must be one of {QUANTIZATIONS}. "
             f"Received: quantization={quantization!r}"
         )
-    spec = tf.TensorSpec(tuple(static_model.inputs[0].shape), tf.float32, name="images")
+    input_names, specs = _input_specs(static_model)
+    by_name = isinstance(static_model.input, dict)
 
-    @tf.function(input_signature=[spec])
-    def serve(images):
-        logits = tf.cast(static_model(images, training=False), tf.float32)
-        outputs = {"logits": logits}
-        if with_argmax:
-            outputs["class_ids"] = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    @tf.function(input_signature=specs)
+    def serve(*images):
+        logits = static_model(
+            dict(zip(input_names, images)) if by_name else images[0], training=False
+        )
+        if not isinstance(logits, dict):
+            logits = {None: logits}
+        outputs = {}
+        for task, task_logits in logits.items():
+            task_logits = tf.cast(task_logits, tf.float32)
+            outputs[model_io.output_name("logits", task)] = task_logits
+            if with_argmax:
+                outputs[model_io.output_name("class_ids", task)] = tf.argmax(
+                    task_logits, axis=-1, output_type=tf.int32
+                )
         return outputs
 
     from tensorflow.python.framework.convert_to_constants import (
@@ -195,9 +230,9 @@ def convert(
     names = sorted(serve.get_concrete_function().structured_outputs)
 
     # Freezing flattens the outputs; name them again for the TFLite signature.
-    @tf.function(input_signature=[spec])
-    def named(images):
-        flat = tf.nest.flatten(frozen(images))
+    @tf.function(input_signature=specs)
+    def named(*images):
+        flat = tf.nest.flatten(frozen(*images))
         return dict(zip(names, flat))
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -240,7 +275,8 @@ def export_tflite(
     """Exports a kfcn model to a .tflite file at a fixed input size.
 
     Args:
-        model: A kfcn segmentation keras.Model.
+        model: A kfcn segmentation keras.Model (multi-task, RGB-D and RGB-HHA
+            models too: see the module docstring).
         output_path: The .tflite file to write; must not exist unless `overwrite`.
         input_size: (height, width) of the fixed input.
         quantization: "none", "float16" or "int8".
@@ -271,6 +307,13 @@ def export_tflite(
             f"`gpu_check` must be one of {GPU_CHECK_MODES}. Received: gpu_check={gpu_check!r}"
         )
     size = check_input_size(input_size)
+    io = model_io.describe(model)
+    if quantization == "int8" and io.modality != model_io.RGB:
+        model_io.refuse(
+            io,
+            "TFLite int8 export",
+            "calibration reads RGB image files; export float32 or float16 instead",
+        )
     output_path = os.path.abspath(os.fspath(output_path))
     if os.path.lexists(output_path) and not overwrite:
         raise FileExistsError(
