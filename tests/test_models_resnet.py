@@ -269,7 +269,7 @@ def assert_close(actual, expected):
 
 
 def stage_model(model, names=("layer1_out", "layer2_out", "layer3_out", "layer4_out")):
-    return keras.Model(model.inputs, [model.get_layer(n).output for n in names])
+    return keras.Model(model.input, [model.get_layer(n).output for n in names])
 
 
 def test_torchvision_resnet18_numerics(r18, tmp_path):
