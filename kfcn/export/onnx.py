@@ -11,6 +11,11 @@ becomes -13 there; kfcn's `PadToMultiple` computes its padding from non-negative
 operands for this reason. Every export is run with onnxruntime at two sizes, one
 not a multiple of 32, and compared with the Keras model before it is written.
 
+Other kinds of model (`kfcn.export.model_io`): a multi-task model's file returns
+`logits_sem` and `logits_geo`; an RGB-D model's `images` have 4 channels (RGB
+0..255, then depth as the PNG holds it); an RGB-HHA model's file takes two inputs,
+`rgb` and `hha`.
+
 Example:
     >>> result = export_onnx(model, "fcn8s.onnx")
     >>> session = onnxruntime.InferenceSession("fcn8s.onnx")
@@ -26,7 +31,8 @@ import os
 
 import numpy as np
 
-from kfcn.export.artifacts import check_input_size, check_segmentation_model
+from kfcn.export import model_io
+from kfcn.export.artifacts import check_input_size
 from kfcn.files import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -58,24 +64,41 @@ class ONNXExport:
     max_abs_error: float | None
 
 
+def _input_channels(model) -> dict:
+    """Input name -> channels, as the ONNX file names its inputs."""
+    if isinstance(model.input, dict):
+        return {name: int(model.input[name].shape[-1]) for name in sorted(model.input)}
+    return {INPUT_NAME: int(model.inputs[0].shape[-1])}
+
+
 def onnx_function(model, input_size: tuple[int, int] | None = None):
     """The tf.function that is converted: the model's logits as float32.
 
     Args:
-        model: A kfcn segmentation keras.Model.
+        model: A kfcn segmentation keras.Model (any kind `kfcn.export.model_io`
+            describes).
         input_size: Fixed (height, width), or None for any size.
 
     Returns:
-        A tf.function of `images` returning {"logits": ...}.
+        A tf.function of the inputs (`images`, or `hha` and `rgb`) returning
+        {"logits": ...} (or {"logits_<task>": ...} per task).
     """
     import tensorflow as tf
 
-    shape = [None, None, None, 3] if input_size is None else [1, *input_size, 3]
-    spec = tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)
+    channels = _input_channels(model)
+    size = [None, None, None] if input_size is None else [1, *input_size]
+    specs = [tf.TensorSpec([*size, c], tf.float32, name=n) for n, c in channels.items()]
+    by_name = isinstance(model.input, dict)
 
-    @tf.function(input_signature=[spec])
-    def serve(images):
-        return {OUTPUT_NAME: tf.cast(model(images, training=False), tf.float32)}
+    @tf.function(input_signature=specs)
+    def serve(*images):
+        logits = model(dict(zip(channels, images)) if by_name else images[0], training=False)
+        if not isinstance(logits, dict):
+            logits = {None: logits}
+        return {
+            model_io.output_name(OUTPUT_NAME, task): tf.cast(task_logits, tf.float32)
+            for task, task_logits in logits.items()
+        }
 
     return serve
 
@@ -107,17 +130,49 @@ def convert(model, input_size: tuple[int, int] | None = None, opset: int = DEFAU
     model_proto, _ = tf2onnx.convert.from_function(
         function, input_signature=function.input_signature, opset=int(opset)
     )
-    (output,) = [t.name for t in concrete.outputs]
-    _rename_output(model_proto, output, OUTPUT_NAME)
+    # The concrete function's flat outputs follow its dict's sorted keys.
+    for name, tensor in zip(sorted(concrete.structured_outputs), concrete.outputs):
+        _rename_output(model_proto, tensor.name, name)
     return model_proto
 
 
-def onnx_logits(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
-    """Runs float32 images [b, H, W, 3] through an exported file with onnxruntime."""
+def onnx_logits(path: str | os.PathLike, images) -> np.ndarray | dict:
+    """Runs float32 inputs through an exported file with onnxruntime.
+
+    Args:
+        path: The .onnx file.
+        images: [b, H, W, C] images, or a dict of them by input name.
+
+    Returns:
+        The logits, or a dict `{output name: logits}` for a multi-task file.
+    """
     import onnxruntime
 
     session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray(images, np.float32)})[0]
+    feeds = images if isinstance(images, dict) else {INPUT_NAME: images}
+    feeds = {name: np.asarray(value, np.float32) for name, value in feeds.items()}
+    names = [output.name for output in session.get_outputs()]
+    results = session.run(names, feeds)
+    if names == [OUTPUT_NAME]:
+        return results[0]
+    return dict(zip(names, results))
+
+
+def random_inputs(model, height: int, width: int, batch: int = 1, seed: int = 0):
+    """Random inputs for a kfcn model: 0..255 colour, depth 500..8000 (mm) for RGB-D."""
+    rng = np.random.default_rng(seed)
+    channels = _input_channels(model)
+    inputs = {}
+    for name, count in channels.items():
+        x = rng.uniform(0, 255, (batch, height, width, count)).astype(np.float32)
+        if count == 4:
+            x[..., 3] = rng.uniform(500, 8000, (batch, height, width))
+        inputs[name] = x
+    return inputs if isinstance(model.input, dict) else inputs[INPUT_NAME]
+
+
+def _as_dict(logits) -> dict:
+    return logits if isinstance(logits, dict) else {OUTPUT_NAME: logits}
 
 
 def check_against_keras(
@@ -128,20 +183,24 @@ def check_against_keras(
     Two sizes are tried when the file takes any size (one not a multiple of 32),
     the fixed size otherwise.
     """
-    rng = np.random.default_rng(seed)
     sizes = [input_size] if input_size else [(45, 77), (64, 96)]
     error = 0.0
     for height, width in sizes:
         batch = 1 if input_size else 2
-        images = rng.uniform(0, 255, (batch, height, width, 3)).astype(np.float32)
-        reference = np.asarray(model(images, training=False), np.float32)
-        ours = onnx_logits(path, images)
-        if ours.shape != reference.shape:
-            raise RuntimeError(
-                f"The ONNX file returns logits of shape {ours.shape} for images of shape "
-                f"{images.shape}; Keras returns {reference.shape}"
-            )
-        error = max(error, float(np.max(np.abs(ours - reference))))
+        images = random_inputs(model, height, width, batch, seed)
+        reference = model(images, training=False)
+        if isinstance(reference, dict):
+            reference = {model_io.output_name(OUTPUT_NAME, k): v for k, v in reference.items()}
+        reference = {k: np.asarray(v, np.float32) for k, v in _as_dict(reference).items()}
+        ours = _as_dict(onnx_logits(path, images))
+        for name, expected in reference.items():
+            if name not in ours or ours[name].shape != expected.shape:
+                shape = ours[name].shape if name in ours else None
+                raise RuntimeError(
+                    f"The ONNX file returns {name} of shape {shape} for inputs of size "
+                    f"{height}x{width}; Keras returns {expected.shape}"
+                )
+            error = max(error, float(np.max(np.abs(ours[name] - expected))))
     return error
 
 
@@ -159,7 +218,8 @@ def export_onnx(
     """Exports a kfcn model to an ONNX file.
 
     Args:
-        model: A kfcn segmentation keras.Model.
+        model: A kfcn segmentation keras.Model (multi-task, RGB-D and RGB-HHA
+            models too: see the module docstring).
         output_path: The .onnx file to write; must not exist unless `overwrite`.
         input_size: Fixed (height, width) with batch 1, or None for any size.
         opset: ONNX opset to target.
@@ -179,7 +239,7 @@ def export_onnx(
         FileExistsError: If `output_path` exists and `overwrite` is False.
         ImportError: If tf2onnx (or, with `verify`, onnxruntime) is missing.
     """
-    check_segmentation_model(model)
+    model_io.describe(model)
     size = None if input_size is None else check_input_size(input_size)
     output_path = os.path.abspath(os.fspath(output_path))
     if os.path.lexists(output_path) and not overwrite:
@@ -218,8 +278,8 @@ def export_onnx(
 
 def _logit_scale(model, input_size: tuple[int, int] | None) -> float:
     height, width = input_size or (45, 77)
-    images = np.random.default_rng(1).uniform(0, 255, (1, height, width, 3)).astype(np.float32)
-    return float(np.max(np.abs(np.asarray(model(images, training=False)))))
+    logits = model(random_inputs(model, height, width, seed=1), training=False)
+    return max(float(np.max(np.abs(np.asarray(v)))) for v in _as_dict(logits).values())
 
 
 def read_onnx_class_info(path: str | os.PathLike):
