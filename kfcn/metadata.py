@@ -83,7 +83,12 @@ KNOWN_DATASETS = {
     "camvid": (11, "camvid"),
     "cityscapes": (19, "cityscapes"),
     "ade20k": (150, "ade20k"),
+    "nyud": (40, "nyud"),
 }
+#: Multi-task datasets: name -> {task: (number of classes, palette)}.
+KNOWN_TASK_DATASETS = {"siftflow": {"sem": (33, "siftflow"), "geo": (3, "siftflow_geo")}}
+#: Format of the multi-task document: {"format": ..., "tasks": {task: ClassInfo document}}.
+TASKS_FORMAT = "kfcn.class_info.tasks/1"
 _IGNORE_LABEL = 255
 
 
@@ -151,6 +156,125 @@ class ClassInfo:
         )
 
 
+@dataclasses.dataclass
+class TaskClassInfo:
+    """What each output of a multi-task model means (SIFT Flow's "sem" and "geo").
+
+    Stored like `ClassInfo` (same file entries, `write_class_info` and
+    `read_class_info`), as `{"format": TASKS_FORMAT, "tasks": {task: ClassInfo
+    document}}`; readers of single-task class info see an unknown format and
+    ignore it.
+
+    Attributes:
+        tasks: One `ClassInfo` per task, keyed as the model's outputs.
+    """
+
+    tasks: dict[str, ClassInfo]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tasks, dict) or not self.tasks:
+            raise ValueError(f"`tasks` must be a non-empty dict. Received: {self.tasks!r}")
+        self.tasks = {
+            str(task): info if isinstance(info, ClassInfo) else ClassInfo.from_dict(info)
+            for task, info in self.tasks.items()
+        }
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        """The number of classes per task."""
+        return {task: info.num_classes for task, info in self.tasks.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document stored in model files."""
+        return {
+            "format": TASKS_FORMAT,
+            "tasks": {task: info.to_dict() for task, info in self.tasks.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TaskClassInfo:
+        """Inverse of `to_dict`.
+
+        Raises:
+            ValueError: If the document is of another format or a task's is invalid.
+        """
+        if not isinstance(values, dict) or values.get("format") != TASKS_FORMAT:
+            raise ValueError(f"multi-task class info must have format {TASKS_FORMAT!r}")
+        return cls({task: ClassInfo.from_dict(doc) for task, doc in values["tasks"].items()})
+
+
+def class_info_from_dict(values: dict[str, Any]) -> ClassInfo | TaskClassInfo:
+    """`ClassInfo.from_dict` or, for a multi-task document, `TaskClassInfo.from_dict`."""
+    if isinstance(values, dict) and values.get("format") == TASKS_FORMAT:
+        return TaskClassInfo.from_dict(values)
+    return ClassInfo.from_dict(values)
+
+
+def class_info_for_tasks(
+    dataset: str,
+    heads: dict[str, int],
+    class_names: dict[str, Sequence[str]] | None = None,
+    *,
+    ignore_label: int | None = None,
+) -> TaskClassInfo:
+    """The class names and palettes of a multi-task model's outputs.
+
+    SIFT Flow ("siftflow") gets its 33 semantic and 3 geometric class names
+    (`kfcn.data.siftflow`) and palettes; any other dataset "class_0".. and the
+    generic palette per task, as `class_info_for_dataset`.
+
+    Args:
+        dataset: Dataset name.
+        heads: Number of classes per task, as `kfcn.build_fcn(heads=...)`.
+        class_names: Names per task to use instead of the dataset's.
+        ignore_label: Overrides the dataset's ignore label (known datasets: 255).
+
+    Returns:
+        A `TaskClassInfo`.
+
+    Raises:
+        ValueError: If `heads` is empty or a task's `class_names` has another length.
+    """
+    if not heads:
+        raise ValueError(f"`heads` must be a non-empty dict. Received: heads={heads!r}")
+    key = str(dataset).strip().lower()
+    known = KNOWN_TASK_DATASETS.get(key, {})
+    tasks = {}
+    for task, count in heads.items():
+        names = None if class_names is None else class_names.get(task)
+        if task in known:
+            expected, palette_name = known[task]
+            if names is None:
+                from kfcn.data import siftflow
+
+                names = list(siftflow.CLASS_NAMES[task])
+                if expected != count:
+                    logger.warning(
+                        "Dataset %r task %r has %d classes but heads[%r]=%d; extra classes "
+                        "get generic names",
+                        key, task, expected, task, count,
+                    )  # fmt: skip
+                names = (names + [f"class_{i}" for i in range(len(names), count)])[:count]
+            colours = visualize.palette(palette_name, count)
+            default_ignore = _IGNORE_LABEL
+        else:
+            colours = visualize.palette("generic", count)
+            default_ignore = None
+        if names is None:
+            names = [f"class_{i}" for i in range(count)]
+        if len(names) != count:
+            raise ValueError(
+                f"`class_names[{task!r}]` has {len(names)} names for heads[{task!r}]={count}"
+            )
+        tasks[task] = ClassInfo(
+            names=list(names),
+            palette=colours.tolist(),
+            dataset=key,
+            ignore_label=default_ignore if ignore_label is None else int(ignore_label),
+        )
+    return TaskClassInfo(tasks)
+
+
 def _known_names(dataset: str) -> tuple[str, ...]:
     # Imported on use: kfcn.data.voc and .cityscapes import TensorFlow Datasets.
     if dataset in ("voc", "sbd"):
@@ -165,6 +289,10 @@ def _known_names(dataset: str) -> tuple[str, ...]:
         from kfcn.data import listfile
 
         return tuple(listfile.CAMVID_CLASS_NAMES)
+    if dataset == "nyud":
+        from kfcn.data import nyud
+
+        return tuple(nyud.CLASS_NAMES)
     return ADE20K_CLASS_NAMES
 
 
@@ -251,7 +379,7 @@ def model_format(model_path: str | os.PathLike) -> str | None:
     return None
 
 
-def write_class_info(info: ClassInfo, model_path: str | os.PathLike) -> None:
+def write_class_info(info: ClassInfo | TaskClassInfo, model_path: str | os.PathLike) -> None:
     """Stores `info` in a model file or directory (replacing what it held).
 
     Args:
@@ -280,8 +408,8 @@ def write_class_info(info: ClassInfo, model_path: str | os.PathLike) -> None:
         )
 
 
-def read_class_info(model_path: str | os.PathLike) -> ClassInfo | None:
-    """The `ClassInfo` a model file carries, or None.
+def read_class_info(model_path: str | os.PathLike) -> ClassInfo | TaskClassInfo | None:
+    """The `ClassInfo` (`TaskClassInfo` for a multi-task model) a model file carries, or None.
 
     None when the path is not one of the three formats, when the model carries no
     class info (e.g. a `.keras` file re-saved by Keras) or when what it carries
@@ -302,13 +430,13 @@ def read_class_info(model_path: str | os.PathLike) -> ClassInfo | None:
             text = _read_tflite(path)
         else:
             return None
-        return None if text is None else ClassInfo.from_dict(json.loads(text))
+        return None if text is None else class_info_from_dict(json.loads(text))
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
         logger.warning("Ignoring the class info in %s: %s", path, error)
         return None
 
 
-def save_model(model: Any, path: str | os.PathLike, info: ClassInfo | None) -> None:
+def save_model(model: Any, path: str | os.PathLike, info: ClassInfo | TaskClassInfo | None) -> None:
     """Saves a Keras model to a `.keras` file with `info` inside, in one atomic step.
 
     `kfcn.files.save_model_atomically` followed by `write_class_info` would leave a
@@ -370,7 +498,7 @@ def _read_tflite(path: str) -> str | None:
     return None
 
 
-def tflite_with_class_info(flatbuffer: bytes, info: ClassInfo) -> bytes:
+def tflite_with_class_info(flatbuffer: bytes, info: ClassInfo | TaskClassInfo) -> bytes:
     """A .tflite flatbuffer with `info` as its "kfcn_classes" metadata entry.
 
     For exporters, to embed the class info before the file is first written
@@ -409,7 +537,7 @@ def tflite_with_class_info(flatbuffer: bytes, info: ClassInfo) -> bytes:
     return bytes(builder.Output())
 
 
-def _write_tflite(path: str, info: ClassInfo) -> None:
+def _write_tflite(path: str, info: ClassInfo | TaskClassInfo) -> None:
     with open(path, "rb") as f:
         data = f.read()
     rewritten = tflite_with_class_info(data, info)

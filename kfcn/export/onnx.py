@@ -283,13 +283,13 @@ def _logit_scale(model, input_size: tuple[int, int] | None) -> float:
 
 
 def read_onnx_class_info(path: str | os.PathLike):
-    """The `kfcn.metadata.ClassInfo` an exported .onnx file carries, or None."""
+    """The `ClassInfo` (or `TaskClassInfo`) an exported .onnx file carries, or None."""
     import onnx
 
-    from kfcn.metadata import ClassInfo
+    from kfcn.metadata import class_info_from_dict
 
     model_proto = onnx.load(os.fspath(path), load_external_data=False)
     for entry in model_proto.metadata_props:
         if entry.key == METADATA_KEY:
-            return ClassInfo.from_dict(json.loads(entry.value))
+            return class_info_from_dict(json.loads(entry.value))
     return None
