@@ -16,8 +16,15 @@ from kfcn import backbones, geometry
 from kfcn.models import resnet
 from kfcn.models.torch_weights import load_torch_state_dict
 
-BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-BOTTLENECK = {18: False, 34: False, 50: True, 101: True}
+# Blocks per stage (He et al. 2016, Table 1).
+BLOCKS = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+BOTTLENECK = {18: False, 34: False, 50: True, 101: True, 152: True}
 
 
 # --- Parameter counts, from the architecture (He et al. 2016, Table 1) ------------------
@@ -64,11 +71,13 @@ def test_hand_counts_match_torchvision():
     assert hand_count(18, "v1b") == 11_689_512
     assert hand_count(50, "v1b") == 25_557_032
     assert hand_count(101, "v1b") == 44_549_160
+    assert hand_count(34, "v1b") == 21_797_672
+    assert hand_count(152, "v1b") == 60_192_808
     # The deep stem: 864 + 9216 + 18432 weights and 2 x (32 + 32 + 64) BN
     # parameters replace conv1's 7 x 7 x 3 x 64 = 9408 and bn1's 128.
     delta = (864 + 9216 + 18432 + 256) - (9408 + 128)
     assert delta == 19_232
-    for depth in (18, 50, 101):
+    for depth in BLOCKS:
         assert hand_count(depth, "v1c") - hand_count(depth, "v1b") == delta
 
 
