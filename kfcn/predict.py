@@ -19,6 +19,13 @@ wraps each in a `Predictor` whose `scores(batch)` maps float32 RGB images [b, H,
 matches `kfcn.evaluation.predict_slide` (same windows, padding colour and
 averaging); `.keras` models use `predict_slide` itself.
 
+Models of the other kinds (`kfcn.export.model_io`): a multi-task model (SIFT
+Flow's `heads={"sem": 33, "geo": 3}`) is segmented for one task, `task=` (default:
+its first, logged); RGB-D and RGB-HHA models are refused with one line
+(`ModelError`), since image files hold RGB only: run their SavedModel's
+`serving_default` (inputs `rgb` + `depth`, or `rgb` + `hha`) or call the Keras
+model on the 4-channel image / the `{"rgb", "hha"}` dict.
+
 Images are read by `kfcn.data.images.read_image`, as training reads them
 (grayscale, palette, RGBA and 16-bit images become 8-bit RGB with a warning; pixels
 as stored, no EXIF rotation), so every output is of the stored image's size.
@@ -208,10 +215,34 @@ class Predictor:
     input_size: tuple[int, int] | None = None
     max_batch: int | None = None
     scores_are: str = "logits"
+    task: str | None = None
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
         """float32 [b, H, W, 3] (0..255 RGB) -> float32 [b, H, W, C]."""
         raise NotImplementedError
+
+
+def _refuse_inputs(path: str, kind: str) -> ModelError:
+    return ModelError(
+        f"kfcn predict cannot take model {path!r} ({kind}): it reads RGB image files; run "
+        "the SavedModel's serving_default (inputs rgb + depth, or rgb + hha) or call the "
+        "Keras model on the 4-channel image or the {'rgb', 'hha'} dict"
+    )
+
+
+def _pick_task(path: str, tasks: Sequence[str], task: str | None) -> str | None:
+    """The task a multi-task model is segmented for (None for a single-task model)."""
+    tasks = list(tasks)
+    if not tasks or tasks == [None]:
+        if task is not None:
+            raise ModelError(f"--model {path!r} has one output; it takes no task={task!r}")
+        return None
+    if task is None:
+        logger.info("%s has tasks %s; segmenting for %r (pass task=)", path, tasks, tasks[0])
+        return tasks[0]
+    if task not in tasks:
+        raise ModelError(f"--model {path!r} has tasks {tasks}. Received: task={task!r}")
+    return task
 
 
 class KerasPredictor(Predictor):
@@ -219,17 +250,27 @@ class KerasPredictor(Predictor):
 
     kind = "keras"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, task: str | None = None):
+        import keras
+
         from kfcn.evaluation import traced
+        from kfcn.export import model_io
         from kfcn.export.artifacts import load_segmentation_model
 
         try:
             self.model = load_segmentation_model(path)
+            io = model_io.describe(self.model, source=f"--model {path!r}")
         except ValueError as error:
             raise ModelError(str(error)) from error
+        if io.modality != model_io.RGB:
+            raise _refuse_inputs(path, io.describe())
         self.path = path
-        self.num_classes = int(self.model.outputs[0].shape[-1])
-        self.forward = traced(self.model)
+        self.task = _pick_task(path, io.tasks, task)
+        model = self.model
+        if self.task is not None:  # the task's logits, same layers
+            model = keras.Model(model.input, model.output[self.task], name=model.name)
+        self.num_classes = int(model.outputs[0].shape[-1])
+        self.forward = traced(model)
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.forward(np.asarray(batch, np.float32)), np.float32)
@@ -240,7 +281,7 @@ class SavedModelPredictor(Predictor):
 
     kind = "saved_model"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, task: str | None = None):
         import tensorflow as tf
 
         try:
@@ -250,7 +291,13 @@ class SavedModelPredictor(Predictor):
         signature = loaded.signatures.get("serving_default")
         inputs = signature.structured_input_signature[1] if signature is not None else {}
         outputs = signature.structured_outputs if signature is not None else {}
-        if "images" not in inputs or "class_ids" not in outputs:
+        if "rgb" in inputs and ("depth" in inputs or "hha" in inputs):
+            kind = "RGB-D input" if "depth" in inputs else "RGB and HHA inputs"
+            raise _refuse_inputs(path, kind)
+        tasks = [k[len("class_ids_") :] for k in sorted(outputs) if k.startswith("class_ids_")]
+        self.task = _pick_task(path, tasks, task)
+        self._suffix = "" if self.task is None else f"_{self.task}"
+        if "images" not in inputs or f"class_ids{self._suffix}" not in outputs:
             raise ModelError(
                 f"--model {path!r} is not a kfcn SavedModel: expected a serving_default "
                 "signature taking `images` and returning `class_ids` (kfcn export saved_model)"
@@ -258,11 +305,13 @@ class SavedModelPredictor(Predictor):
         self._loaded = loaded  # keeps the signature's variables alive
         self._signature = signature
         self.path = path
-        if "probabilities" in outputs:
-            self.num_classes = int(outputs["probabilities"].shape[-1])
+        if f"probabilities{self._suffix}" in outputs:
+            self.num_classes = int(outputs[f"probabilities{self._suffix}"].shape[-1])
             self.scores_are = "probabilities"
         else:
             info = metadata.read_class_info(path)
+            if isinstance(info, metadata.TaskClassInfo):
+                info = info.tasks.get(self.task)
             if info is None:
                 raise ModelError(
                     f"--model {path!r} returns class_ids only and carries no class names, so "
@@ -276,8 +325,8 @@ class SavedModelPredictor(Predictor):
         images = np.clip(np.round(batch), 0, 255).astype(np.uint8)
         outputs = self._signature(images=self._tf.constant(images))
         if self.scores_are == "probabilities":
-            return outputs["probabilities"].numpy().astype(np.float32)
-        ids = outputs["class_ids"].numpy()
+            return outputs[f"probabilities{self._suffix}"].numpy().astype(np.float32)
+        ids = outputs[f"class_ids{self._suffix}"].numpy()
         return np.eye(self.num_classes, dtype=np.float32)[ids]
 
 
@@ -287,7 +336,7 @@ class TFLitePredictor(Predictor):
     kind = "tflite"
     max_batch = 1
 
-    def __init__(self, path: str, num_threads: int | None = None):
+    def __init__(self, path: str, num_threads: int | None = None, task: str | None = None):
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # TensorFlow's copy of the runtime
@@ -299,7 +348,13 @@ class TFLitePredictor(Predictor):
         except Exception as error:  # noqa: BLE001 - the runtime raises ValueError/RuntimeError
             raise ModelError(f"--model {path!r}: cannot load the TFLite file: {error}") from error
         signature = signatures.get("serving_default", {})
-        if signature.get("inputs") != ["images"] or "logits" not in signature.get("outputs", []):
+        if signature.get("inputs") == ["hha", "rgb"]:
+            raise _refuse_inputs(path, "RGB and HHA inputs")
+        outputs = signature.get("outputs", [])
+        tasks = [name[len("logits_") :] for name in outputs if name.startswith("logits_")]
+        self.task = _pick_task(path, tasks, task)
+        self._output = "logits" if self.task is None else f"logits_{self.task}"
+        if signature.get("inputs") != ["images"] or self._output not in outputs:
             raise ModelError(
                 f"--model {path!r} is not a kfcn TFLite file: expected a serving_default "
                 f"signature images -> logits (kfcn export tflite). Found: {signatures}"
@@ -307,15 +362,18 @@ class TFLitePredictor(Predictor):
         self._runner = interpreter.get_signature_runner("serving_default")
         details = self._runner.get_input_details()["images"]
         shape = tuple(int(v) for v in details["shape"])
+        if len(shape) == 4 and shape[3] == 4:
+            raise _refuse_inputs(path, "RGB-D input")
         if len(shape) != 4 or shape[0] != 1 or shape[3] != 3:
             raise ModelError(f"--model {path!r}: input shape {shape}, expected [1, H, W, 3]")
         self.input_size = (shape[1], shape[2])
-        self.num_classes = int(self._runner.get_output_details()["logits"]["shape"][-1])
+        self.num_classes = int(self._runner.get_output_details()[self._output]["shape"][-1])
         self.path = path
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
         out = [
-            self._runner(images=np.asarray(image[None], np.float32))["logits"] for image in batch
+            self._runner(images=np.asarray(image[None], np.float32))[self._output]
+            for image in batch
         ]
         return np.concatenate(out, 0).astype(np.float32)
 
@@ -338,17 +396,21 @@ def _latest_serving_version(path: str) -> str:
     return chosen
 
 
-def load_predictor(path: str | os.PathLike, num_threads: int | None = None) -> Predictor:
+def load_predictor(
+    path: str | os.PathLike, num_threads: int | None = None, task: str | None = None
+) -> Predictor:
     """Opens a kfcn model in any of the three formats.
 
     Args:
         path: A `.keras` file, a SavedModel directory or a `.tflite` file (or a TF
             Serving model directory of numbered SavedModels: the highest is used).
         num_threads: Threads for the TFLite interpreter (default: the runtime's).
+        task: For a multi-task model, the task to segment for (default: its first).
 
     Raises:
         FileNotFoundError: If `path` does not exist.
-        ModelError: If it is not a kfcn model in one of the formats.
+        ModelError: If it is not a kfcn model in one of the formats, takes other
+            inputs than RGB images (RGB-D, RGB-HHA), or has no such `task`.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -357,11 +419,11 @@ def load_predictor(path: str | os.PathLike, num_threads: int | None = None) -> P
     if kind is None and os.path.isdir(path):
         path, kind = _latest_serving_version(path), "saved_model"
     if kind == "keras":
-        return KerasPredictor(path)
+        return KerasPredictor(path, task)
     if kind == "saved_model":
-        return SavedModelPredictor(path)
+        return SavedModelPredictor(path, task)
     if kind == "tflite":
-        return TFLitePredictor(path, num_threads)
+        return TFLitePredictor(path, num_threads, task)
     raise ModelError(
         f"--model {path!r} is not a model file; expected a .keras file, a SavedModel "
         "directory or a .tflite file written by kfcn"
@@ -543,6 +605,8 @@ def resolve_class_info(
     """
     count = predictor.num_classes
     carried = metadata.read_class_info(predictor.path)
+    if isinstance(carried, metadata.TaskClassInfo):  # the predicted task's names
+        carried = carried.tasks.get(predictor.task)
     if carried is not None and carried.num_classes != count:
         logger.warning(
             "%s carries %d class names for %d outputs; ignoring them",
