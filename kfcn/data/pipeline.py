@@ -221,6 +221,50 @@ def _rgb_channels(key: str | None, channels: int | None) -> int:
     return 0
 
 
+def _common_size(images: list, labels: list) -> tuple[tf.Tensor, tf.Tensor]:
+    """(height, width) of the first label, checked against every other entry."""
+    height, width = tf.shape(labels[0][1])[0], tf.shape(labels[0][1])[1]
+    if len(images) + len(labels) == 2:
+        return height, width
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(t)[:2],
+            tf.stack([height, width]),
+            message=f"{what} entry {k!r} differs in size from the other entries",
+        )
+        for what, leaves in (("image", images), ("label", labels))
+        for k, t in leaves
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(height), tf.identity(width)
+
+
+def _colour(
+    image: tf.Tensor, n_rgb: int, photometric: str, jitter_seeds: tf.Tensor, seed: tf.Tensor
+) -> tf.Tensor:
+    """Photometric augmentation of the first `n_rgb` channels; the others pass through."""
+    if photometric == "none" or not n_rgb:
+        return image
+    colour = image[..., :n_rgb]
+    if photometric == "jitter":
+        colour = _photometric(colour, jitter_seeds)
+    else:
+        colour = photometric_distortion(colour, seed)
+    return tf.concat([colour, image[..., n_rgb:]], axis=-1) if image.shape[-1] > n_rgb else colour
+
+
+def _pad_image(
+    image: tf.Tensor, paddings: list, inside: tf.Tensor, n_rgb: int, mean: Sequence[float]
+) -> tf.Tensor:
+    """Pads with `mean` on the RGB channels and 0 on the others."""
+    padded = tf.pad(image, paddings + [[0, 0]])
+    if not n_rgb:
+        return padded
+    fill = tf.constant(list(mean) + [0.0] * (image.shape[-1] - n_rgb), tf.float32)
+    # Padding with 0 and adding fill * (1 - inside) keeps real pixels bit-exact.
+    return padded + (1.0 - inside) * fill
+
+
 def _augment_fn(
     *,
     crop_size: tuple[int, int],
@@ -236,7 +280,8 @@ def _augment_fn(
     lo, hi = scale_range
     scaled = (lo, hi) != (1.0, 1.0)
 
-    def resize_label(label: tf.Tensor, size: tf.Tensor | None) -> tf.Tensor:
+    def crop_label(label, y, x, win_h, win_w, size) -> tf.Tensor:
+        label = label[y : y + win_h, x : x + win_w]
         if size is None:
             return label
         # Nearest keeps every label value an existing class or the ignore label.
@@ -244,7 +289,7 @@ def _augment_fn(
         # Rounding up the window can overshoot the crop by a pixel or so.
         return label[:crop_h, :crop_w]
 
-    def choose_window(label, y, x, win_h, win_w, size, height, width, key):
+    def redraw(label, y, x, win_h, win_w, size, height, width, key) -> tuple[tf.Tensor, tf.Tensor]:
         """mmseg's cat_max_ratio: up to 10 re-draws while one class dominates the crop."""
         extra = tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(key, 1), num=2
@@ -256,11 +301,11 @@ def _augment_fn(
             [[x], tf.random.stateless_uniform([10], extra[1], 0, width - win_w + 1, tf.int32)], 0
         )
 
-        def redraw(i: tf.Tensor) -> tf.Tensor:
-            crop = resize_label(label[ys[i] : ys[i] + win_h, xs[i] : xs[i] + win_w], size)
+        def rejected(i: tf.Tensor) -> tf.Tensor:
+            crop = crop_label(label, ys[i], xs[i], win_h, win_w, size)
             return (i < 10) & tf.logical_not(acceptable_crop(crop, ignore_label, cat_max_ratio))
 
-        (i,) = tf.while_loop(redraw, lambda i: (i + 1,), (tf.constant(0),))
+        (i,) = tf.while_loop(rejected, lambda i: (i + 1,), (tf.constant(0),))
         return ys[i], xs[i]
 
     def augment(element: dict[str, Any], index: tf.Tensor) -> tuple[Any, Any]:
@@ -269,19 +314,7 @@ def _augment_fn(
         images = _leaves(element["image"], "image")
         labels = _leaves(element["label"], "label")
         rgb = [_rgb_channels(k, t.shape[-1]) for k, t in images]
-        height, width = tf.shape(labels[0][1])[0], tf.shape(labels[0][1])[1]
-        if len(images) + len(labels) > 2:
-            checks = [
-                tf.debugging.assert_equal(
-                    tf.shape(t)[:2],
-                    tf.stack([height, width]),
-                    message=f"{what} entry {k!r} differs in size from the other entries",
-                )
-                for what, leaves in (("image", images), ("label", labels))
-                for k, t in leaves
-            ]
-            with tf.control_dependencies(checks):
-                height, width = tf.identity(height), tf.identity(width)
+        height, width = _common_size(images, labels)
         scale = tf.random.stateless_uniform([], seeds[4], lo, hi)
         # Cut the source window that covers one crop at this scale before resizing, so a 2x
         # upscale resizes a crop-sized region instead of the whole image (same distribution as
@@ -295,23 +328,16 @@ def _augment_fn(
             size = tf.cast(tf.stack([win_h, win_w]), tf.float32) * scale
             size = tf.maximum(tf.cast(tf.round(size), tf.int32), 1)
         if cat_max_ratio < 1.0:
-            label_map = dict(labels).get("sem", labels[0][1])
-            y, x = choose_window(label_map, y, x, win_h, win_w, size, height, width, key)
+            checked = dict(labels).get("sem", labels[0][1])
+            y, x = redraw(checked, y, x, win_h, win_w, size, height, width, key)
         distortion_seed = tf.random.experimental.stateless_fold_in(key, 2)
         out_images = []
         for (_, image), n_rgb in zip(images, rgb, strict=True):
             image = tf.cast(image[y : y + win_h, x : x + win_w], tf.float32)
             if scaled:
                 image = tf.image.resize(image, size, method="bilinear")[:crop_h, :crop_w]
-            if photometric != "none" and n_rgb:
-                colour, rest = image[..., :n_rgb], image[..., n_rgb:]
-                if photometric == "jitter":
-                    colour = _photometric(colour, seeds[:4])
-                else:
-                    colour = photometric_distortion(colour, distortion_seed)
-                image = tf.concat([colour, rest], axis=-1) if image.shape[-1] > n_rgb else colour
-            out_images.append(image)
-        out_labels = [resize_label(t[y : y + win_h, x : x + win_w], size) for _, t in labels]
+            out_images.append(_colour(image, n_rgb, photometric, seeds[:4], distortion_seed))
+        out_labels = [crop_label(t, y, x, win_h, win_w, size) for _, t in labels]
         height, width = tf.shape(out_labels[0])[0], tf.shape(out_labels[0])[1]
         pad_h = crop_h - height
         pad_w = crop_w - width
@@ -319,30 +345,21 @@ def _augment_fn(
         top = tf.random.stateless_uniform([], seeds[5], 0, pad_h + 1, dtype=tf.int32)
         left = tf.random.stateless_uniform([], seeds[6], 0, pad_w + 1, dtype=tf.int32)
         paddings = [[top, pad_h - top], [left, pad_w - left]]
-        # Padding with 0 and adding fill * (1 - inside) keeps real pixels bit-exact.
         inside = tf.pad(tf.ones([height, width, 1], tf.float32), paddings + [[0, 0]])
-        for i, ((_, source), n_rgb) in enumerate(zip(images, rgb, strict=True)):
-            channels = source.shape[-1]
-            padded = tf.pad(out_images[i], paddings + [[0, 0]])
-            if n_rgb:
-                fill = tf.constant(list(mean) + [0.0] * (channels - n_rgb), tf.float32)
-                padded = padded + (1.0 - inside) * fill
-            out_images[i] = padded
+        out_images = [
+            _pad_image(t, paddings, inside, n_rgb, mean)
+            for t, n_rgb in zip(out_images, rgb, strict=True)
+        ]
         out_labels = [
             tf.pad(tf.cast(t, tf.int32), paddings, constant_values=ignore_label) for t in out_labels
         ]
         if flip:
             mirror = tf.random.stateless_uniform([], seeds[8]) < 0.5
-            out_images = [
-                tf.cond(mirror, lambda t=t: tf.reverse(t, [1]), lambda t=t: t) for t in out_images
-            ]
-            out_labels = [
-                tf.cond(mirror, lambda t=t: tf.reverse(t, [1]), lambda t=t: t) for t in out_labels
-            ]
-        out_images = [
-            tf.ensure_shape(t, [crop_h, crop_w, source.shape[-1]])
-            for t, (_, source) in zip(out_images, images, strict=True)
-        ]
+            out_images, out_labels = (
+                [tf.cond(mirror, lambda t=t: tf.reverse(t, [1]), lambda t=t: t) for t in leaves]
+                for leaves in (out_images, out_labels)
+            )
+        out_images = [tf.ensure_shape(t, [crop_h, crop_w, t.shape[-1]]) for t in out_images]
         out_labels = [tf.ensure_shape(t, [crop_h, crop_w]) for t in out_labels]
         return _rebuild(element["image"], out_images), _rebuild(element["label"], out_labels)
 
