@@ -296,7 +296,8 @@ def test_torchvision_resnet18_numerics(r18, tmp_path):
 
 def test_mmseg_resnet18_v1c_d8_numerics(tmp_path):
     # mmseg's backbone keys, an odd input, output stride 8 with contract_dilation.
-    sd = torch_state_dict(18, "v1c", seed=3, prefix="backbone.", fc=False)
+    # The ImageNet classifier's fc is in the file: skipped, as the trunk has none.
+    sd = torch_state_dict(18, "v1c", seed=3, prefix="backbone.", fc=True)
     model = resnet.ResNet18V1c(include_top=False, output_stride=8)
     load_torch_state_dict(model, save(tmp_path, "r18c.npz", sd))
     x = np.random.default_rng(4).uniform(-2, 2, (1, 36, 29, 3))
@@ -340,6 +341,10 @@ def test_wrong_or_missing_names_fail_clearly(r18, tmp_path):
     # strict=False loads what fits and leaves the rest.
     loaded = load_torch_state_dict(r18, save(tmp_path, "partial.npz", missing), strict=False)
     assert "conv1" in loaded and "layer3_1_bn2" in loaded  # its other three tensors
+
+    # DataParallel's "module." prefix is dropped.
+    wrapped = {f"module.{key}": value for key, value in sd.items()}
+    assert "fc" in load_torch_state_dict(r18, save(tmp_path, "wrapped.npz", wrapped))
 
     with pytest.raises(ValueError, match="`npz_path` must be an existing"):
         load_torch_state_dict(r18, tmp_path / "absent.npz")
