@@ -214,6 +214,8 @@ class TrainConfig:
         if self.manual_dir:
             kwargs["manual_dir"] = self.manual_dir
         name = self.resolved_val_dataset if validation else self.dataset
+        if name == "nyud":  # the loader reads the images the model's modality takes
+            kwargs["modality"] = self.modality
         if name == "folder":
             kwargs["num_classes"] = self.num_classes
             list_file = self.val_list_file if validation else self.list_file
