@@ -34,7 +34,7 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 def model_label(spec: str) -> str:
-    """"fcn8s:vgg16" -> "FCN-8s vgg16"; "dilated:resnet50_v1c" -> "FCN-D8 resnet50_v1c"."""
+    """ "fcn8s:vgg16" -> "FCN-8s vgg16"; "dilated:resnet50_v1c" -> "FCN-D8 resnet50_v1c"."""
     variant, backbone = spec.split(":", 1)
     names = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s", "dilated": "FCN-D8"}
     return f"{names.get(variant, variant)} {backbone}"
@@ -116,9 +116,7 @@ def run_inference(case: dict[str, Any]) -> list[dict[str, Any]]:
     if mode == "predict":
         call = lambda: model.predict(images, batch_size=batch, verbose=0)  # noqa: E731
     else:
-        forward = tf.function(
-            lambda x: model(x, training=False), jit_compile=(mode == "xla")
-        )
+        forward = tf.function(lambda x: model(x, training=False), jit_compile=(mode == "xla"))
         call = lambda: forward(images).numpy()  # noqa: E731
     timing = common.time_calls(call, case.get("repeats", 5), case.get("warmup", 1))
     record.update(
@@ -144,7 +142,8 @@ def run_training(case: dict[str, Any]) -> list[dict[str, Any]]:
     import keras
     import tensorflow as tf
 
-    from kfcn.training import loop, strategy as strategy_lib
+    from kfcn.training import loop
+    from kfcn.training import strategy as strategy_lib
 
     height, width = case["size"]
     batch, precision = case["batch"], case["precision"]
@@ -319,4 +318,7 @@ if __name__ == "__main__":  # pragma: no cover - used by bench.suite's subproces
     import json
 
     logging.basicConfig(level=logging.WARNING)
-    print(common.RECORDS_MARKER + json.dumps(run_case(json.loads(sys.argv[1]))), flush=True)
+    records = run_case(json.loads(sys.argv[1]))
+    for record in records:
+        record["machine"] = common.machine()
+    print(common.RECORDS_MARKER + json.dumps(records), flush=True)

@@ -130,9 +130,7 @@ def time_calls(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict
     return summarize(seconds)
 
 
-def matmul_rate(
-    dtype: str = "float32", n: int = 4096, repeats: int = 5
-) -> dict[str, Any]:
+def matmul_rate(dtype: str = "float32", n: int = 4096, repeats: int = 5) -> dict[str, Any]:
     """The machine's practical limit: FLOP/s of an n x n x n matmul in a `tf.function`.
 
     Args:

@@ -112,4 +112,7 @@ def _version() -> str | None:
 
 
 if __name__ == "__main__":
-    print(common.RECORDS_MARKER + json.dumps(run(json.loads(sys.argv[1]))), flush=True)
+    records = run(json.loads(sys.argv[1]))
+    for record in records:
+        record["machine"] = common.machine()
+    print(common.RECORDS_MARKER + json.dumps(records), flush=True)
