@@ -137,10 +137,15 @@ def _check_arguments(variant, num_classes, input_shape, dropout, weights, backbo
             "`weights` applies to named backbones; load weights into your keras.Model before "
             f"passing it. Received: weights={weights!r}"
         )
-    if modality == "rgbd" and isinstance(backbone, keras.Model):
+    if (
+        modality == "rgbd"
+        and isinstance(backbone, keras.Model)
+        and tuple(backbone.inputs[0].shape)[-1:] != (4,)
+    ):
         raise ValueError(
             "`modality`='rgbd' widens a named backbone's first convolution to 4 channels; "
-            f"pass a backbone name. Received: backbone={backbone.name!r}"
+            "pass a backbone name or a keras.Model taking 4 channels. Received: "
+            f"backbone={backbone.name!r} with input shape {tuple(backbone.inputs[0].shape)}"
         )
     return shape
 
@@ -411,7 +416,8 @@ def build_fcn(
         backbone: A name from `kfcn.backbones.BACKBONES` (e.g. "vgg16",
             "resnet50", "mobilenetv2") or a `keras.Model` taking images, whose
             stride-8/16/32 features are found by graph position. A given model
-            must normalise its own input (it receives 0..255 RGB).
+            must normalise its own input (it receives 0..255 RGB; for "rgbd" it
+            takes 4 channels and receives 0..255 RGB and the log depth).
         num_classes: Number of classes, >= 1 (default 21). Not allowed with
             `heads`, which gives the classes of each task.
         weights: None (random), "imagenet", or the path of a Keras Applications

@@ -80,20 +80,16 @@ class RGBDPreprocess(keras.layers.Layer):
     the clamp keeps missing depth, stored as 0, finite).
 
     Args:
-        mode: The RGB channels' `Preprocess` mode.
+        mode: The RGB channels' `Preprocess` mode ("none": 0..255 as given, for a
+            `keras.Model` backbone that normalises its own input).
         log_depth_mean: Subtracted from the log depth.
     """
 
     def __init__(self, mode: str = "caffe", log_depth_mean: float = LOG_DEPTH_MEAN, **kwargs):
         super().__init__(**kwargs)
-        if mode == "none":
-            raise ValueError(
-                "`mode` 'none' (a backbone that normalises its own input) cannot take a depth "
-                f"channel. Received: mode={mode!r}"
-            )
         self.mode = mode
         self.log_depth_mean = float(log_depth_mean)
-        self._rgb = Preprocess(mode, dtype=self.dtype_policy)
+        self._rgb = Preprocess(mode, dtype=self.dtype_policy)  # checks `mode`
 
     def call(self, images):
         x = ops.cast(images, self.compute_dtype)

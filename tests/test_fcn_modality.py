@@ -192,7 +192,7 @@ def test_staged_init_from_keeps_both_streams():
         ({"modality": "rgbd", "input_shape": (None, None, 3)}, r"`input_shape`.*4\).*rgbd"),
         ({"modality": "rgb+hha", "input_shape": (None, None, 6)}, r"`input_shape`.*6\)"),
         ({"modality": "rgbd", "backbone": "efficientnetb0"}, r"`modality`='rgbd'.*efficientnet"),
-        ({"modality": "rgbd", "backbone": "KERAS_MODEL"}, r"`modality`='rgbd'.*tiny"),
+        ({"modality": "rgbd", "backbone": "KERAS_MODEL"}, r"`modality`='rgbd'.*4 channels.*tiny"),
         ({"init_from": {"rgb": None}}, r"`init_from` may be a dict only.*'rgb'"),
         ({"modality": "rgb+hha", "init_from": {"depth": None}}, r"`init_from`.*depth"),
     ],
