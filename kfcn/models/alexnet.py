@@ -75,7 +75,9 @@ def load_caffe_npy(model: keras.Model, path: str | os.PathLike) -> list[str]:
             f"Received: weights={str(path)!r} holding {type(data).__name__}"
         )
     entries = {str(key).replace("/", "_"): value for key, value in data.items()}
-    loaded = []
+    # Every array is checked before any is set: a file that does not fit leaves
+    # `model` as it was.
+    assignments = []
     for layer in model.layers:
         if not layer.weights:
             continue
@@ -87,6 +89,11 @@ def load_caffe_npy(model: keras.Model, path: str | os.PathLike) -> list[str]:
         value = entries.pop(layer.name)
         if isinstance(value, dict):
             value = [value["weights"], value["biases"]]
+        if len(value) != len(layer.weights):
+            raise ValueError(
+                f"`weights` entry {layer.name!r} has {len(value)} arrays, layer "
+                f"{layer.name!r} needs {len(layer.weights)}. Received: weights={str(path)!r}"
+            )
         values = []
         for array, variable in zip(value, layer.weights):
             array = np.asarray(array, np.float32)
@@ -99,20 +106,16 @@ def load_caffe_npy(model: keras.Model, path: str | os.PathLike) -> list[str]:
                     f"{layer.name!r} needs {shape}. Received: weights={str(path)!r}"
                 )
             values.append(array)
-        if len(values) != len(layer.weights):
-            raise ValueError(
-                f"`weights` entry {layer.name!r} has {len(values)} arrays, layer "
-                f"{layer.name!r} needs {len(layer.weights)}. Received: weights={str(path)!r}"
-            )
+        assignments.append((layer, values))
+    for layer, values in assignments:
         layer.set_weights(values)
-        loaded.append(layer.name)
     if entries:
         logger.info("Skipped the weights file's entries %s lacks: %s", model.name, sorted(entries))
-    return loaded
+    return [layer.name for layer, _ in assignments]
 
 
-def load_weights(model: keras.Model, weights: str | os.PathLike | None, what: str) -> None:
-    """Loads `weights` (None, a `.npy` dump or a Keras weights file) into `model`."""
+def check_weights(weights: str | os.PathLike | None, what: str) -> None:
+    """`weights` must be None or an existing file (checked before building)."""
     if weights is None:
         return
     if weights == "imagenet":
@@ -126,6 +129,12 @@ def load_weights(model: keras.Model, weights: str | os.PathLike | None, what: st
         raise ValueError(
             f"`weights` must be None or the path of a weights file. Received: weights={weights!r}"
         )
+
+
+def load_weights(model: keras.Model, weights: str | os.PathLike | None) -> None:
+    """Loads `weights` (None, a `.npy` dump or a Keras weights file) into `model`."""
+    if weights is None:
+        return
     if str(weights).endswith(".npy"):
         load_caffe_npy(model, weights)
     else:
@@ -149,6 +158,11 @@ def check_input_shape(input_shape, include_top: bool, size: int) -> tuple:
     return shape
 
 
+def check_pooling(pooling) -> None:
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"`pooling` must be None, 'avg' or 'max'. Received: pooling={pooling!r}")
+
+
 def classifier_or_pooling(x, include_top, pooling, classifier_activation, top):
     """Keras Applications' ending: `top(x)` with the classifier, else optional pooling."""
     if include_top:
@@ -158,8 +172,6 @@ def classifier_or_pooling(x, include_top, pooling, classifier_activation, top):
         return keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if pooling == "max":
         return keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    if pooling is not None:
-        raise ValueError(f"`pooling` must be None, 'avg' or 'max'. Received: pooling={pooling!r}")
     return x
 
 
@@ -215,6 +227,8 @@ def AlexNet(  # noqa: N802 - Keras Applications' constructor naming
     if padding not in ("valid", "same"):
         raise ValueError(f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
     shape = check_input_shape(input_shape, include_top, IMAGE_SIZE)
+    check_pooling(pooling)
+    check_weights(weights, "AlexNet")
     images = keras.Input(shape=shape, name="input")
 
     x = keras.layers.Conv2D(96, 11, strides=4, padding=padding, activation="relu", name="conv1")(
@@ -240,5 +254,5 @@ def AlexNet(  # noqa: N802 - Keras Applications' constructor naming
 
     outputs = classifier_or_pooling(x, include_top, pooling, classifier_activation, top)
     model = keras.Model(images, outputs, name=name)
-    load_weights(model, weights, "AlexNet")
+    load_weights(model, weights)
     return model

@@ -31,7 +31,13 @@ import os
 import keras
 
 from kfcn.layers import LocalResponseNormalization
-from kfcn.models.alexnet import check_input_shape, classifier_or_pooling, load_weights
+from kfcn.models.alexnet import (
+    check_input_shape,
+    check_pooling,
+    check_weights,
+    classifier_or_pooling,
+    load_weights,
+)
 
 #: The classifier's input size: inception_5b is then 7x7.
 IMAGE_SIZE = 224
@@ -116,6 +122,8 @@ def GoogLeNet(  # noqa: N802 - Keras Applications' constructor naming
         (None, None, None, 832)
     """
     shape = check_input_shape(input_shape, include_top, IMAGE_SIZE)
+    check_pooling(pooling)
+    check_weights(weights, "GoogLeNet")
     images = keras.Input(shape=shape, name="input")
 
     x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(images)
@@ -141,5 +149,5 @@ def GoogLeNet(  # noqa: N802 - Keras Applications' constructor naming
 
     outputs = classifier_or_pooling(x, include_top, pooling, classifier_activation, top)
     model = keras.Model(images, outputs, name=name)
-    load_weights(model, weights, "GoogLeNet")
+    load_weights(model, weights)
     return model
