@@ -386,12 +386,17 @@ SYNC_BN = textwrap.dedent(
     images[2:] = images[2:] * 0.3 + 150.0
     labels = rng.integers(0, 3, (4, 32, 32)).astype(np.int32)
 
+    def build(synchronized):
+        return kfcn.build_dilated_fcn("resnet18_v1c", num_classes=3, head_channels=8,
+                                      aux_head=True, aux_channels=8, dropout=0.0,
+                                      sync_batchnorm=synchronized)
+
+    initial = build(True).get_weights()  # the same start for every run
+
     def run(strategy, synchronized):
         with strategy.scope():
-            keras.utils.set_random_seed(1)
-            model = kfcn.build_dilated_fcn("resnet18_v1c", num_classes=3, head_channels=8,
-                                           aux_head=True, aux_channels=8, dropout=0.0,
-                                           sync_batchnorm=synchronized)
+            model = build(synchronized)
+            model.set_weights(initial)
             optimizer = keras.optimizers.SGD(0.1)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="sum")
