@@ -31,6 +31,7 @@ from typing import Any
 from kfcn.cli.args import add_bool, existing_path, names_type, size_type
 from kfcn.cli.errors import CommandError, UsageError
 from kfcn.data import DATASETS
+from kfcn.training.config import MODALITIES
 
 HELP = "Evaluate a model on a dataset split (the paper's metrics)."
 MODES = ("whole", "slide", "msflip")
@@ -64,6 +65,12 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         "directory for voc, sbd, cityscapes.",
     )
     data.add_argument("--split", default="val", help="Split to evaluate (default: %(default)s).")
+    data.add_argument(
+        "--modality",
+        choices=MODALITIES,
+        default="rgb",
+        help="nyud: the images the model takes: rgb, hha, rgbd, rgb+hha (default: %(default)s).",
+    )
     data.add_argument(
         "--manual_dir",
         metavar="DIR",
@@ -178,6 +185,48 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
+def load_inference_model(path: str) -> Any:
+    """Loads `--model` as it predicts: auxiliary outputs dropped (`kfcn.inference_model`).
+
+    Accepts a skip or dilated FCN, with or without an auxiliary head, an RGB-D or
+    RGB-HHA model, a multi-task model, or any one-input, one-output segmentation
+    model of the same contract.
+
+    Raises:
+        UsageError: `path` does not exist.
+        CommandError: it is not a segmentation model.
+    """
+    from kfcn.cli.export import load_model_flag
+
+    try:  # one RGB input and one logits output: the common case, with its checks
+        return load_model_flag(path, require_kfcn=False)
+    except CommandError as error:
+        first = error
+    # An auxiliary head, several tasks or inputs: the file loaded, the contract differs.
+    import kfcn
+    from kfcn.export.artifacts import check_segmentation_model
+    from kfcn.export.model_io import describe
+
+    try:
+        model = kfcn.load_model(path, compile=False)
+    except Exception:  # noqa: BLE001 - not a Keras file at all: the first message says so
+        raise first from None
+    try:
+        model = kfcn.inference_model(model)
+        one_rgb = (
+            len(model.inputs) == 1
+            and len(model.outputs) == 1
+            and tuple(model.inputs[0].shape)[-1:] == (3,)
+        )
+        if one_rgb:
+            check_segmentation_model(model, source=f"`model` {path!r}", require_kfcn=False)
+        else:
+            describe(model, source=f"`model` {path!r}")
+    except ValueError as error:
+        raise CommandError(f"--model: {error}") from error
+    return model
+
+
 def load_dataset_flags(args: argparse.Namespace) -> tuple[Any, Any]:
     """`kfcn.data.load_dataset` with the dataset flags.
 
@@ -195,6 +244,8 @@ def load_dataset_flags(args: argparse.Namespace) -> tuple[Any, Any]:
             kwargs["class_names"] = list(args.class_names)
     elif args.manual_dir and args.dataset != "camvid":
         kwargs["manual_dir"] = args.manual_dir
+    if args.dataset == "nyud":
+        kwargs["modality"] = getattr(args, "modality", "rgb")
     where = f"--dataset {args.dataset} --split {args.split}"
     if args.data_dir:
         where += f" --data_dir {args.data_dir}"
@@ -328,8 +379,15 @@ def _write_output_dir(
     write_text_atomically(json.dumps(keeper.per_image, indent=2) + "\n", per_image)
     written.append(per_image)
     confusion = os.path.join(directory, "confusion_matrix.png")
-    visualize.plot_confusion_matrix(results["confusion_matrix"], class_info.names, confusion)
-    written.append(confusion)
+    tasks = evaluation.result_tasks(results)
+    if "" in tasks:
+        visualize.plot_confusion_matrix(results["confusion_matrix"], class_info.names, confusion)
+        written.append(confusion)
+    for task, scores in tasks.items():
+        if task:
+            path = os.path.join(directory, f"confusion_matrix_{task}.png")
+            visualize.plot_confusion_matrix(scores["confusion_matrix"], list(scores["iou"]), path)
+            written.append(path)
     for name in os.listdir(directory):  # examples of an earlier run would mislead
         if name.endswith(".png") and name.startswith(("worst_", "best_")):
             os.remove(os.path.join(directory, name))
@@ -349,9 +407,7 @@ def _write_output_dir(
 def run(args: argparse.Namespace) -> int:
     """Evaluates `--model` on the dataset split; prints and writes the scores."""
     _check_args(args)
-    from kfcn.cli.export import load_model_flag
-
-    model = load_model_flag(args.model, require_kfcn=False)
+    model = load_inference_model(args.model)
     dataset, info = load_dataset_flags(args)
 
     import dataclasses
@@ -364,13 +420,15 @@ def run(args: argparse.Namespace) -> int:
         evaluation.check_num_classes(model, info.num_classes)
     except ValueError as error:
         raise CommandError(f"--model {args.model} and --dataset {args.dataset}: {error}") from error
-    class_info = _class_info(args, info)
-    if dataclasses.is_dataclass(info):
+    multi_task = isinstance(info.num_classes, dict)
+    # Names and colours per image are for one task; a multi-task run writes its scores only.
+    class_info = None if multi_task else _class_info(args, info)
+    if dataclasses.is_dataclass(info) and class_info is not None:
         info = dataclasses.replace(info, class_names=tuple(class_info.names))
     keeper = ExampleKeeper(
         info.num_classes,
         info.ignore_label,
-        args.num_examples if args.output_dir else 0,
+        args.num_examples if args.output_dir and not multi_task else 0,
         args.rank_by,
     )
     total = info.num_examples
@@ -379,7 +437,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=total, unit="image", file=sys.stderr, disable=None) as bar:
 
         def on_image(index: int, name: str, image: Any, label: Any, prediction: Any) -> None:
-            keeper(index, name, image, label, prediction)
+            if not multi_task:
+                keeper(index, name, image, label, prediction)
             bar.update(1)
 
         results = evaluation.evaluate(
