@@ -339,7 +339,8 @@ def model_stride(model: keras.Model) -> int:
     ]
     if not strides:
         raise ValueError(
-            f"`model` must output a map with a stride on its input image. Received: {model.name!r}"
+            "`model` must output a map whose stride on its input kfcn.geometry can trace (a "
+            f"trunk or a score map, not an upsampled FCN). Received: {model.name!r}"
         )
     return max(strides)
 
