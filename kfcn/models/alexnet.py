@@ -220,7 +220,7 @@ def AlexNet(  # noqa: N802 - Keras Applications' constructor naming
     Example:
         >>> model = AlexNet()
         >>> model.get_layer("conv2").kernel.shape
-        TensorShape([5, 5, 48, 256])
+        (5, 5, 48, 256)
     """
     if padding is None:
         padding = "valid" if include_top else "same"
