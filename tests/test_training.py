@@ -60,6 +60,17 @@ def test_poly_schedule_matches_formula():
         assert float(schedule(step)) == pytest.approx(expected, rel=2e-4, abs=1e-12)
 
 
+def test_poly_schedule_to_a_minimum_rate_is_mmsegs_polylr():
+    """mmseg PolyLR: (lr - eta_min) * (1 - t / T) ** 0.9 + eta_min, held at eta_min after T."""
+    lr, end, total = 0.01, 1e-4, 80000
+    schedule = schedules.learning_rate_schedule("poly", lr, total, end_learning_rate=end)
+    for step in (0, 1, 40000, 79999, 80000, 90000):
+        expected = (lr - end) * (1 - min(step, total) / total) ** 0.9 + end
+        assert float(schedule(step)) == pytest.approx(expected, rel=2e-4)
+    with pytest.raises(ValueError, match="end_learning_rate=0.02"):
+        schedules.learning_rate_schedule("poly", lr, total, end_learning_rate=0.02)
+
+
 def test_fixed_schedule_and_errors():
     assert schedules.learning_rate_schedule("fixed", 1e-4, 10) == 1e-4
     with pytest.raises(ValueError, match="`schedule` must be one of 'poly', 'fixed'.*step"):

@@ -386,3 +386,35 @@ def test_aux_loss_on_two_cpu_replicas_equals_one_device():
     np.testing.assert_allclose(runs["mirrored"]["losses"], runs["one_device"]["losses"], rtol=1e-5)
     for a, b in zip(runs["mirrored"]["weights"], runs["one_device"]["weights"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_build_model_passes_the_family_settings(monkeypatch):
+    """TrainConfig -> kfcn.build_fcn / build_dilated_fcn keyword arguments (recorded)."""
+    import kfcn
+    from kfcn.training.job import build_model
+
+    calls = []
+    monkeypatch.setattr(kfcn, "build_fcn", lambda *a, **k: calls.append(("fcn", a, k)))
+    monkeypatch.setattr(kfcn, "build_dilated_fcn", lambda *a, **k: calls.append(("dilated", a, k)))
+    build_model(TrainConfig("m", dataset="siftflow", variant="fcn16s"), {"sem": 33, "geo": 3})
+    build_model(TrainConfig("m", dataset="nyud", variant="fcn32s", modality="rgb+hha"), 40)
+    build_model(TrainConfig("m", variant="fcn8s"), 11)
+    build_model(
+        TrainConfig(
+            "m", variant="fcn_d6", backbone="resnet101_v1b", aux_head=True, head_channels=64
+        ),
+        19,
+    )
+    (_, args, first), (_, _, second), (_, _, third), (kind, _, fourth) = calls
+    assert args == ("fcn16s",) and first["heads"] == {"sem": 33, "geo": 3}
+    assert "num_classes" not in first  # the builder takes the classes from heads
+    assert second["modality"] == "rgb+hha" and second["num_classes"] == 40
+    assert "modality" not in third and "heads" not in third and third["num_classes"] == 11
+    assert kind == "dilated"
+    assert (fourth["output_stride"], fourth["head_dilation"]) == (16, 6)
+    assert (fourth["backbone"], fourth["aux_head"], fourth["head_channels"]) == (
+        "resnet101_v1b",
+        True,
+        64,
+    )
+    assert fourth["num_classes"] == 19 and fourth["sync_batchnorm"] is True

@@ -352,12 +352,12 @@ def build_model(config: TrainConfig, num_classes: Any) -> Any:
         options["modality"] = config.modality
     heads = config.heads or (dict(num_classes) if isinstance(num_classes, dict) else None)
     if heads:
-        options["heads"] = heads
-        num_classes = next(iter(heads.values()))  # ignored by the builder with heads
+        options["heads"] = heads  # the builder takes the classes per task from it
+    else:
+        options["num_classes"] = num_classes
     return kfcn.build_fcn(
         config.variant,
         backbone=config.backbone,
-        num_classes=num_classes,
         weights=config.weights,
         dropout=config.dropout,
         trainable_upsampling=config.trainable_upsampling,
