@@ -116,6 +116,7 @@ class _Rarefier:
         self.output_stride = output_stride
         self.names: set[str] = set()
         self.shared: dict = {}
+        self.copied: set[int] = set()
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -144,14 +145,13 @@ class _Rarefier:
             self.shared[key] = (cls or type(layer)).from_config(config)
         return self.shared[key]
 
-    @staticmethod
-    def _copy_weights(source, target) -> None:
-        if source.weights and not getattr(target, "_kfcn_weights_copied", False):
+    def _copy_weights(self, source, target) -> None:
+        if source.weights and id(target) not in self.copied:
             target.set_weights(source.get_weights())
             finalize = getattr(target, "finalize_state", None)
             if finalize is not None:  # an adapted Normalization reads its variables here
                 finalize()
-            target._kfcn_weights_copied = True
+            self.copied.add(id(target))
 
     # -- the walk ------------------------------------------------------------
 
@@ -190,7 +190,7 @@ class _Rarefier:
                     )
                     args, kwargs = node.arguments.fill_in(tensors)
                     outs = keras.tree.flatten(
-                        self._apply(op, node, in_geos, out_geo, probe_args, args, kwargs)
+                        self._apply(op, in_geos, out_geo, probe_args, args, kwargs)
                     )
                 for x, y, p in zip(node.outputs, outs, probe_outs):
                     tensors[id(x)] = y
@@ -200,7 +200,7 @@ class _Rarefier:
             [probe[id(t)] for t in function.outputs],
         )
 
-    def _apply(self, op, node, in_geos, out_geo, probe_args, args, kwargs):
+    def _apply(self, op, in_geos, out_geo, probe_args, args, kwargs):
         if not isinstance(op, keras.layers.Layer):
             return self._apply_operation(op, in_geos, args, kwargs)
         spatial = [g for g in in_geos if isinstance(g, geometry.Geometry)]
@@ -208,7 +208,7 @@ class _Rarefier:
         if spatial and (isinstance(op, _CONVOLUTIONS) or type(op) in _POOLINGS):
             if not isinstance(out_geo, geometry.Geometry):
                 raise ValueError(
-                    f"Cannot dilate layer {op.name!r}: its input has no stride on the image."
+                    f"Cannot dilate layer {op.name!r}: its output has no stride on the image."
                 )
             in_size = tuple(probe_args[0].shape[1:3])
             out_size = tuple(op.compute_output_shape(probe_args[0].shape)[1:3])
@@ -217,9 +217,9 @@ class _Rarefier:
             return self._call(op, op.get_config(), args, kwargs)
         if isinstance(op, (keras.layers.ZeroPadding2D, keras.layers.Cropping2D)):
             key = "padding" if isinstance(op, keras.layers.ZeroPadding2D) else "cropping"
-            amounts = getattr(op, key)
-            config = {**op.get_config(), key: tuple(tuple(r * a for a in amounts[i]) for i, r in (
-                (0, rate[0]), (1, rate[1])))}  # fmt: skip
+            rows, cols = getattr(op, key)
+            scaled = (tuple(rate[0] * a for a in rows), tuple(rate[1] * a for a in cols))
+            config = {**op.get_config(), key: scaled}
             return self._call(op, config, args, kwargs)
         if isinstance(op, _GLOBAL_POOLINGS):
             # The original averaged its own positions only: the lattice, phase 0.
