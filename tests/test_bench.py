@@ -238,3 +238,18 @@ def test_report_tables(toy_run):
     assert "| fcn8s:mobilenetv2 | 32x32 | 1 | tf.function | float32 |" in text
     assert "mirrored x2: skipped" in text
     assert "Machine: " in text and "float32 matmul 512^3" in text
+
+
+def test_readme_bench_commands_parse():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = [
+            line.split(" #", 1)[0].split() for line in f if line.startswith("python -m bench.")
+        ]
+    suite_lines = [words[3:] for words in lines if words[2] == "bench.suite"]
+    assert len(suite_lines) >= 3
+    for argv in suite_lines:
+        args = suite.parser().parse_args(argv)
+        assert set(args.only) <= set(suite.GROUPS)
+    # The full default plan is the README's case count.
+    assert len(suite.plan(suite.parser().parse_args([]), bfloat16_units=True)) == 87
+    assert any(words[2] == "bench.report" for words in lines)
