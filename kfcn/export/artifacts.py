@@ -114,8 +114,9 @@ def load_segmentation_model(path: str | os.PathLike, require_kfcn: bool = True):
         require_kfcn: See `check_segmentation_model`.
 
     Returns:
-        The keras.Model: one of the kinds `kfcn.export.model_io.describe` accepts
-        (with `require_kfcn`), else one RGB input and one logits output.
+        The keras.Model without auxiliary outputs (`kfcn.inference_model`): one of
+        the kinds `kfcn.export.model_io.describe` accepts (with `require_kfcn`), else
+        one RGB input and one logits output.
 
     Raises:
         FileNotFoundError: If `path` does not exist.
@@ -135,6 +136,9 @@ def load_segmentation_model(path: str | os.PathLike, require_kfcn: bool = True):
         model = load_model(path, compile=False)
     except Exception as err:  # keras raises many types for a foreign archive
         raise ValueError(f"Could not load `model` {path!r} as a Keras model: {err}") from err
+    from kfcn.dilated_fcn import inference_model
+
+    model = inference_model(model)  # drops auxiliary heads (training only)
     if require_kfcn:
         # Any kind of kfcn model: RGB-D, RGB-HHA and multi-task ones too.
         from kfcn.export.model_io import describe

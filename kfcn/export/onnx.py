@@ -239,6 +239,9 @@ def export_onnx(
         FileExistsError: If `output_path` exists and `overwrite` is False.
         ImportError: If tf2onnx (or, with `verify`, onnxruntime) is missing.
     """
+    from kfcn.dilated_fcn import inference_model  # imports Keras: not at module import
+
+    model = inference_model(model)  # drops auxiliary heads (training only)
     model_io.describe(model)
     size = None if input_size is None else check_input_size(input_size)
     output_path = os.path.abspath(os.fspath(output_path))

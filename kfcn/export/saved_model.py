@@ -419,6 +419,9 @@ def export_saved_model(
         ValueError: If `model` is not a kfcn model.
         FileExistsError: If `export_dir` exists and `overwrite` is False.
     """
+    from kfcn.dilated_fcn import inference_model  # imports Keras: not at module import
+
+    model = inference_model(model)  # drops auxiliary heads (training only)
     model_io.describe(model)
     export_dir = os.path.abspath(os.fspath(export_dir))
     with atomic_output(export_dir, overwrite=overwrite, is_dir=True) as tmp:

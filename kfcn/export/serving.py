@@ -396,6 +396,9 @@ def export_for_serving(
         ValueError: For a bad `model_name`, `version` or model.
         FileExistsError: If the version exists and `overwrite` is False.
     """
+    from kfcn.dilated_fcn import inference_model  # imports Keras: not at module import
+
+    model = inference_model(model)  # drops auxiliary heads (training only)
     io = model_io.describe(model)
     if not isinstance(model_name, str) or not _MODEL_NAME.match(model_name):
         raise ValueError(

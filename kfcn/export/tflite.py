@@ -297,6 +297,9 @@ def export_tflite(
         ValueError: For a bad size, quantization, model, or an unsupported op.
         FileExistsError: If `output_path` exists and `overwrite` is False.
     """
+    from kfcn.dilated_fcn import inference_model  # imports Keras: not at module import
+
+    model = inference_model(model)  # drops auxiliary heads (training only)
     if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"`quantization` must be one of {QUANTIZATIONS}. "
