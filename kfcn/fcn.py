@@ -16,6 +16,14 @@ The network, as the paper draws it::
 
 Backbones without fully connected layers (ResNet, MobileNet, ...) go straight
 from their last feature map to `score_fr`, as the paper does for GoogLeNet.
+
+NYUDv2 and SIFT Flow (TPAMI 2017 section 5; nyud-fcn32s-*, siftflow-fcn*s)::
+
+    rgbd:    images (RGB, depth) -> pad -> RGBDPreprocess (log depth) -> trunk with a
+             4-channel conv1_1 -> ... as above
+    rgb+hha: rgb -> rgb_pad -> ... -> rgb_score_fr -+-> score_fused (mean) -> upscore ...
+             hha -> hha_pad -> ... -> hha_score_fr -'
+    heads:   one trunk and fc7; per task score_fr_sem -> upscore2_sem -> ... -> score_sem
 """
 
 from __future__ import annotations
