@@ -318,6 +318,8 @@ def test_multitask_run_scores_each_task_and_resumes(tmp_path, monkeypatch):
     if best["step"] == 4:
         assert best["value"] == pytest.approx(final)
     assert result["best"] == best
+    again = fit(config(4), model_fn=model_fn)  # already complete: reports the recorded best
+    assert again.already_complete and again.best == best
     assert os.path.exists(best["weights"])
     # TensorBoard: per-task scores at both validations, per-output losses.
     validation = _scalars(tmp_path / "run" / "logs" / "validation")

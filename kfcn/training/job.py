@@ -446,6 +446,20 @@ def _without_confusion(scores: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def _recorded_best(model_dir: str) -> dict[str, Any] | None:
+    """The best validation an earlier run recorded (`loop.BestModel`'s best.json), or None."""
+    import json
+    import os
+
+    from kfcn.training.loop import BestModel
+
+    path = os.path.join(model_dir, BestModel.JSON)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _already_complete(run: RunDirectory, total_steps: int, facts: dict[str, Any]) -> FitResult:
     step = run.checkpoint_step()
     logger.info(
@@ -462,6 +476,7 @@ def _already_complete(run: RunDirectory, total_steps: int, facts: dict[str, Any]
         final_step=step,
         total_steps=total_steps,
         already_complete=True,
+        best=_recorded_best(run.path),
         run=facts,
         is_chief=run.is_chief,
     )
