@@ -190,6 +190,7 @@ def toy_run(tmp_path_factory):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_toy_run_schema(toy_run):
     assert toy_run["schema"] == suite.SCHEMA
     assert toy_run["command"].startswith("python -m bench.suite --quick")
@@ -232,6 +233,7 @@ def test_toy_run_schema(toy_run):
     assert keras.config.dtype_policy().name == "float32"
 
 
+@pytest.mark.slow
 def test_report_tables(toy_run):
     text = report.render(toy_run)
     assert "### Inference" in text and "### Training step" in text
