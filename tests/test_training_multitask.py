@@ -10,6 +10,7 @@ CPU devices must be set before TensorFlow starts), as in test_training_distribut
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -420,3 +421,23 @@ def test_build_model_passes_the_family_settings(monkeypatch):
         64,
     )
     assert fourth["num_classes"] == 19 and fourth["sync_batchnorm"] is True
+
+
+def test_pipeline_options_reach_train_pipeline(monkeypatch):
+    """flip, photometric and cat_max_ratio go to kfcn.data.train_pipeline (recorded)."""
+    from kfcn import data
+    from kfcn.training import job
+
+    _fake_loader(monkeypatch)
+    seen = {}
+    monkeypatch.setattr(data, "train_pipeline", lambda dataset, **kwargs: seen.update(kwargs))
+    config = TrainConfig(
+        "m", dataset="siftflow", val_split=None, seed=3, flip=False, photometric="mmseg"
+    )
+    inputs = job.Inputs(dataclasses.replace(config, cat_max_ratio=0.75), 1)
+    inputs.train_dataset(None, 5)
+    assert (seen["flip"], seen["photometric"], seen["cat_max_ratio"]) == (False, "mmseg", 0.75)
+    assert seen["seed"] == 3 + 5  # reseeded by the resume step
+    seen.clear()
+    job.Inputs(config, 1).train_dataset(None, 0)
+    assert "cat_max_ratio" not in seen  # off: the pipeline's own default (never re-draw)
