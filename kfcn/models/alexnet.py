@@ -142,13 +142,15 @@ def load_weights(model: keras.Model, weights: str | os.PathLike | None) -> None:
 
 
 def check_input_shape(input_shape, include_top: bool, size: int) -> tuple:
-    """The input shape, (size, size, 3) by default with the classifier, else any size."""
+    """The input shape: (size, size, 3) by default with the classifier, else any size."""
     if input_shape is None:
         return (size, size, 3) if include_top else (None, None, 3)
     shape = tuple(input_shape)
-    if len(shape) != 3 or shape[2] != 3:
+    # Other channel counts (RGB-D's 4) build too, as Keras Applications allow without weights.
+    if len(shape) != 3 or not isinstance(shape[2], int) or shape[2] < 1:
         raise ValueError(
-            f"`input_shape` must be (height, width, 3). Received: input_shape={input_shape!r}"
+            "`input_shape` must be (height, width, channels). "
+            f"Received: input_shape={input_shape!r}"
         )
     if include_top and shape[:2] != (size, size):
         raise ValueError(
