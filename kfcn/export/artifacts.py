@@ -53,7 +53,6 @@ def check_input_size(
     return height, width
 
 
-
 def check_segmentation_model(model, source: str = "model", require_kfcn: bool = True) -> int:
     """Checks that a Keras model follows the kfcn contract.
 
