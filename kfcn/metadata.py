@@ -184,6 +184,11 @@ class TaskClassInfo:
         """The number of classes per task."""
         return {task: info.num_classes for task, info in self.tasks.items()}
 
+    @property
+    def names(self) -> list[str]:
+        """Every task's class names as "task/name", for display (e.g. "geo/sky")."""
+        return [f"{task}/{name}" for task, info in self.tasks.items() for name in info.names]
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document stored in model files."""
         return {
