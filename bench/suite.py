@@ -39,6 +39,7 @@ import sys
 import time
 from typing import Any
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:  # `python bench/suite.py` as well as `python -m bench.suite`
