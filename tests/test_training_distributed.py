@@ -317,6 +317,8 @@ def test_two_workers_train_survive_a_killed_worker_and_resume(tmp_path, camvid, 
     assert (result["start_step"], result["final_step"]) == (saved, 40)
     # Only the chief wrote into model_dir; the worker removed its temporary directory.
     assert sorted(os.listdir(model_dir)) == [
+        "best.json",
+        "best.weights.h5",
         "checkpoints",
         "config.yaml",
         "logs",
