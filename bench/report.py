@@ -63,9 +63,10 @@ def machine_lines(results: dict[str, Any]) -> list[str]:
     lines = [line + ".", ""]
     for dtype in ("float32", "bfloat16"):
         rates = [s[dtype]["gflop_per_s"] for s in sticks if dtype in s]
+        sizes = sorted({s[dtype]["n"] for s in sticks if dtype in s})
         if rates:
             lines.append(
-                f"- {dtype} matmul {sticks[0][dtype]['n']}^3, measured in each case's process: "
+                f"- {dtype} matmul {'/'.join(map(str, sizes))}^3, measured in each case's process: "
                 f"median {statistics.median(rates):.1f} GFLOP/s (range {min(rates):.1f}-"
                 f"{max(rates):.1f}, {len(rates)} processes)"
             )

@@ -321,8 +321,12 @@ def _subprocess(case: dict[str, Any], args: argparse.Namespace) -> list[dict[str
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(common.RECORDS_MARKER):
             return json.loads(line[len(common.RECORDS_MARKER) :])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-    return [{"status": "error", "reason": f"exit {done.returncode}: " + " | ".join(tail)}]
+    # The last lines that are not TensorFlow's start-up logging.
+    noise = ("I0000", "W0000", "E0000", "WARNING: All log messages", "To enable the following")
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    tail = [line for line in lines if not line.startswith(noise)][-3:]
+    killed = " (SIGKILL: the kernel's OOM killer?)" if done.returncode == -9 else ""
+    return [{"status": "error", "reason": f"exit {done.returncode}{killed}: " + " | ".join(tail)}]
 
 
 def _in_process(case: dict[str, Any]) -> list[dict[str, Any]]:
