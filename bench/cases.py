@@ -36,15 +36,23 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 def model_label(spec: str) -> str:
     """ "fcn8s:vgg16" -> "FCN-8s vgg16"; "dilated:resnet50_v1c" -> "FCN-D8 resnet50_v1c"."""
     variant, backbone = spec.split(":", 1)
-    names = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s", "dilated": "FCN-D8"}
+    names = {
+        "fcn32s": "FCN-32s",
+        "fcn16s": "FCN-16s",
+        "fcn8s": "FCN-8s",
+        "dilated": "FCN-D8",
+        "dilated_d16": "FCN-D6 D16",
+    }
     return f"{names.get(variant, variant)} {backbone}"
 
 
 def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int) -> Any:
     """Builds the model named "<variant>:<backbone>" with random weights.
 
-    `variant` is "fcn32s", "fcn16s", "fcn8s" (`kfcn.build_fcn`) or "dilated"
-    (`kfcn.build_dilated_fcn`, output stride 8, no auxiliary head).
+    `variant` is "fcn32s", "fcn16s", "fcn8s" (`kfcn.build_fcn`), "dilated"
+    (`kfcn.build_dilated_fcn`: mmseg's FCN R-xx-D8) or "dilated_d16" (FCN-D6
+    R-xx-D16: output stride 16, head dilation 6), without the auxiliary head and,
+    for ResNet-18/34, mmseg's 128-channel head (as `bench/dilated_forward.py`).
     """
     import kfcn
 
@@ -53,9 +61,16 @@ def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int) 
             f"A model must be '<variant>:<backbone>' (e.g. 'fcn8s:vgg16'). Received: {spec!r}"
         )
     variant, backbone = spec.split(":", 1)
-    if variant == "dilated":
+    if variant in ("dilated", "dilated_d16"):
+        options = {"output_stride": 16, "head_dilation": 6} if variant == "dilated_d16" else {}
+        if backbone.startswith(("resnet18", "resnet34")):
+            options["head_channels"] = 128
         model = kfcn.build_dilated_fcn(
-            backbone, num_classes=num_classes, input_shape=input_shape, sync_batchnorm=False
+            backbone,
+            num_classes=num_classes,
+            input_shape=input_shape,
+            sync_batchnorm=False,
+            **options,
         )
         return kfcn.inference_model(model)
     return kfcn.build_fcn(

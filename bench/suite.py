@@ -58,6 +58,7 @@ DEFAULT_MODELS = (
     "fcn8s:mobilenetv2",
     "fcn8s:resnet50",
     "dilated:resnet50_v1c",
+    "dilated_d16:resnet50_v1c",
 )
 DEFAULT_PEER_PYTHON = os.path.join(ROOT, ".venv-peer", "bin", "python")
 
@@ -90,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
         "--models",
         type=_list,
         default=list(DEFAULT_MODELS),
-        help="'<fcn32s|fcn16s|fcn8s|dilated>:<backbone>' for inference",
+        help="'<fcn32s|fcn16s|fcn8s|dilated|dilated_d16>:<backbone>' for inference",
     )
     p.add_argument(
         "--detail_models",

@@ -125,9 +125,9 @@ def test_default_plan():
         "peer_training",
     }
     inference = [c for c in with_bf16 if c["kind"] == "inference" and not c.get("peer_comparison")]
-    # 6 models x 2 sizes x 2 batches x (tf.function, predict) + 2 detail models x 2 x 2 x
+    # 7 models x 2 sizes x 2 batches x (tf.function, predict) + 2 detail models x 2 x 2 x
     # (xla, bf16 tf.function, bf16 xla).
-    assert len(inference) == 6 * 2 * 2 * 2 + 2 * 2 * 2 * 3
+    assert len(inference) == 7 * 2 * 2 * 2 + 2 * 2 * 2 * 3
     assert {tuple(c["size"]) for c in inference} == {(512, 512), (360, 480)}
     assert not any(c.get("precision") == "mixed_bfloat16" for c in without)
     training = [c for c in with_bf16 if c["kind"] == "training" and not c.get("peer_comparison")]
@@ -253,5 +253,5 @@ def test_readme_bench_commands_parse():
         args = suite.parser().parse_args(argv)
         assert set(args.only) <= set(suite.GROUPS)
     # The full default plan is the README's case count.
-    assert len(suite.plan(suite.parser().parse_args([]), bfloat16_units=True)) == 87
+    assert len(suite.plan(suite.parser().parse_args([]), bfloat16_units=True)) == 95
     assert any(words[2] == "bench.report" for words in lines)
