@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,6 +26,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kfcn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
 
 
 def conv_flops(model: keras.Model) -> int:
@@ -53,20 +56,13 @@ def conv_flops(model: keras.Model) -> int:
 
 
 def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (tracing, compilation, allocator)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """Median seconds of `repeats` calls after one warm-up (`bench.common.time_calls`)."""
+    return common.time_calls(fn, repeats=repeats)["median_s"]
 
 
 def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
-    a = tf.random.normal((n, n))
-    b = tf.random.normal((n, n))
-    step = tf.function(lambda: tf.reduce_sum(tf.linalg.matmul(a, b)))
-    return 2 * n**3 / best_seconds(lambda: step().numpy(), repeats)
+    """The float32 matmul yardstick of the suite (`bench.common.matmul_rate`), FLOP/s."""
+    return common.matmul_rate("float32", n, repeats)["flop_per_s"]
 
 
 def main() -> None:
