@@ -35,6 +35,7 @@ setup(
         "onnx": ["tf2onnx", "onnxruntime"],
         "test": [
             "pytest",
+            "pytest-xdist",  # CI runs the suite in two processes, one per core
             "ruff",
             "scipy",
             "ai-edge-litert",

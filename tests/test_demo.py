@@ -181,16 +181,16 @@ def test_quick_demo_writes_every_promised_file(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=900,  # catches hangs; speed is the CPU bound below
     )
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert completed.returncode == 0, completed.stderr[-3000:]
     # "Under a minute" on an idle 2-core machine. CPU time measures that without
-    # counting the waits a shared CI machine adds; the wall-clock bound catches hangs.
+    # counting the waits a shared CI machine (or a parallel test worker) adds; a
+    # wall-clock bound failed at 296 s on a machine with load average 15.
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert cpu < 60, f"kfcn demo --quick used {cpu:.0f} s of CPU ({seconds:.0f} s wall clock)"
-    assert seconds < 180, f"kfcn demo --quick took {seconds:.0f} s"
 
     stdout = completed.stdout
     for heading in ("pixel acc.", "mean acc.", "mean IU", "f.w. IU"):
