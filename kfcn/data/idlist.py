@@ -12,21 +12,19 @@ naming the file.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kfcn.data import listfile
 from kfcn.data.images import DataError
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "IdExample",
@@ -39,10 +37,6 @@ __all__ = [
     "read_id_list",
     "read_mat_variable",
 ]
-
-_ON_ERROR = ("raise", "skip")
-_VALIDATE = ("none", "header", "full")
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -196,25 +190,8 @@ def map_label_values(
     return lut[values - lo]
 
 
-def _listing(problems: Sequence[str]) -> str:
-    shown = "\n  ".join(problems[:_MAX_LISTED])
-    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-    return f"\n  {shown}{more}"
-
-
-def check_options(on_error: str, validate: str | None) -> str:
-    """Checks `on_error` and returns `validate` with its default ("full" when skipping)."""
-    if on_error not in _ON_ERROR:
-        raise ValueError(
-            f"`on_error` must be one of 'raise', 'skip'. Received: on_error={on_error!r}"
-        )
-    if validate is None:
-        validate = "full" if on_error == "skip" else "header"
-    if validate not in _VALIDATE:
-        raise ValueError(
-            f"`validate` must be one of 'none', 'header', 'full'. Received: validate={validate!r}"
-        )
-    return validate
+# One option check and one report for every validating loader (kfcn.data.listfile's).
+check_options = listfile.check_options
 
 
 def check_examples(
@@ -250,7 +227,8 @@ def check_examples(
                 bad.add(i)
     if problems and on_error == "raise":
         raise DataError(
-            f"{len(problems)} file(s) named by ids in {source} do not exist:{_listing(problems)}"
+            f"{len(problems)} file(s) named by ids in {source} do not exist:"
+            f"{listfile._listing(problems)}"
         )
     if check is not None:
 
@@ -262,29 +240,13 @@ def check_examples(
             return None
 
         todo = [i for i in range(len(examples)) if i not in bad]
-        # PIL and zlib release the GIL, so threads overlap the file reads.
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-            results = list(pool.map(run, todo))
-        for i, problem in zip(todo, results, strict=True):
-            if problem is not None:
-                bad.add(i)
-                problems.append(problem)
-    if problems and on_error == "raise":
-        if len(problems) == 1:
-            raise DataError(problems[0])
-        raise DataError(f"{len(problems)} bad examples in {source}:{_listing(problems)}")
-    if problems:
-        logger.warning(
-            "%s: skipping %d of %d examples with bad files (on_error='skip'):%s",
-            source,
-            len(bad),
-            len(examples),
-            _listing(problems[:5]),
-        )
-    kept = [example for i, example in enumerate(examples) if i not in bad]
-    if not kept:
-        raise DataError(f"{source}: no usable examples left after skipping {len(bad)} bad one(s)")
-    return kept
+        for i, problem in listfile.check_each(todo, run):
+            bad.add(i)
+            problems.append(problem)
+    listfile.settle(
+        problems, len(bad), len(examples), source=source, what="examples", on_error=on_error
+    )
+    return [example for i, example in enumerate(examples) if i not in bad]
 
 
 def build_dataset(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -183,6 +183,69 @@ def _listing(problems: Sequence[str]) -> str:
     return f"\n  {shown}{more}"
 
 
+def check_options(on_error: str, validate: str | None) -> str:
+    """Checks `on_error` and returns `validate` with its default ("full" when skipping).
+
+    Shared by every validating loader (list files, id lists, folder pairs).
+    """
+    if on_error not in _ON_ERROR:
+        raise ValueError(
+            f"`on_error` must be one of 'raise', 'skip'. Received: on_error={on_error!r}"
+        )
+    if validate is None:
+        validate = "full" if on_error == "skip" else "header"
+    if validate not in _VALIDATE:
+        raise ValueError(
+            f"`validate` must be one of 'none', 'header', 'full'. Received: validate={validate!r}"
+        )
+    return validate
+
+
+def check_each(
+    indices: Sequence[int], check: Callable[[int], str | None]
+) -> list[tuple[int, str]]:
+    """Runs `check(i)` for every index in threads; returns the (index, problem) it reported.
+
+    PIL and zlib release the GIL while reading and decoding, so threads overlap the file reads.
+    """
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        results = list(pool.map(check, indices))
+    return [(i, problem) for i, problem in zip(indices, results, strict=True) if problem]
+
+
+def settle(
+    problems: Sequence[str], num_bad: int, total: int, *, source: str, what: str, on_error: str
+) -> None:
+    """Raises for `problems` (on_error="raise") or warns once that `num_bad` of `total` are skipped.
+
+    Args:
+        problems: one line per problem, naming the file and where it was listed.
+        num_bad: how many of the `total` examples the problems rule out.
+        total: how many examples were listed.
+        source: the list file or folder, for messages.
+        what: the plural noun for an example ("pairs", "examples").
+        on_error: "raise" or "skip".
+
+    Raises:
+        DataError: any problem with on_error="raise", or nothing left after skipping.
+    """
+    if problems and on_error == "raise":
+        if len(problems) == 1:
+            raise DataError(problems[0])
+        raise DataError(f"{len(problems)} bad {what} in {source}:{_listing(problems)}")
+    if problems:
+        logger.warning(
+            "%s: skipping %d of %d %s with bad files (on_error='skip'):%s",
+            source,
+            num_bad,
+            total,
+            what,
+            _listing(list(problems[:5])),
+        )
+    if num_bad >= total:
+        raise DataError(f"{source}: no usable {what} left after skipping {num_bad} bad one(s)")
+
+
 def _missing_files(items: Sequence[ListItem]) -> tuple[list[str], set[int]]:
     missing, bad = [], set()
     for i, item in enumerate(items):
@@ -282,29 +345,11 @@ def _validate(
             return f"{e} (pair at {item.where})"
         return None
 
-    todo = [i for i in range(len(items)) if i not in bad]
-    # PIL releases the GIL while reading and decoding, so threads overlap the file reads.
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        results = list(pool.map(check, todo))
-    for i, problem in zip(todo, results, strict=True):
-        if problem is not None:
-            bad.add(i)
-            problems.append(problem)
-    if problems and on_error == "raise":
-        if len(problems) == 1:
-            raise DataError(problems[0])
-        raise DataError(f"{len(problems)} bad pairs in {list_file}:{_listing(problems)}")
-    if problems:
-        logger.warning(
-            "%s: skipping %d of %d pairs with bad files (on_error='skip'):%s",
-            list_file,
-            len(bad),
-            len(items),
-            _listing(problems[:5]),
-        )
+    for i, problem in check_each([i for i in range(len(items)) if i not in bad], check):
+        bad.add(i)
+        problems.append(problem)
+    settle(problems, len(bad), len(items), source=list_file, what="pairs", on_error=on_error)
     kept = [i for i in range(len(items)) if i not in bad]
-    if not kept:
-        raise DataError(f"{list_file}: no usable pairs left after skipping {len(bad)} bad pair(s)")
     return [items[i] for i in kept], [plans[i] for i in kept]
 
 
@@ -484,16 +529,7 @@ def load_folder(
     """
     from kfcn.data import DatasetInfo
 
-    if on_error not in _ON_ERROR:
-        raise ValueError(
-            f"`on_error` must be one of 'raise', 'skip'. Received: on_error={on_error!r}"
-        )
-    if validate is None:
-        validate = "full" if on_error == "skip" else "header"
-    if validate not in _VALIDATE:
-        raise ValueError(
-            f"`validate` must be one of 'none', 'header', 'full'. Received: validate={validate!r}"
-        )
+    validate = check_options(on_error, validate)
     if not 1 <= num_classes <= 256:
         raise ValueError(f"`num_classes` must be in 1..256. Received: num_classes={num_classes}")
     if not 0 <= ignore_label <= 255:

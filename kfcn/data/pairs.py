@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kfcn.data.images import DataError
-from kfcn.data.listfile import ListItem, _build_dataset, _validate
+from kfcn.data.listfile import ListItem, _build_dataset, _validate, check_options
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -120,16 +120,7 @@ def load_pairs(
     from kfcn.data import DatasetInfo
     from kfcn.data.pipeline import _file_source, attach_file_source
 
-    if on_error not in ("raise", "skip"):
-        raise ValueError(
-            f"`on_error` must be one of 'raise', 'skip'. Received: on_error={on_error!r}"
-        )
-    if validate is None:
-        validate = "full" if on_error == "skip" else "header"
-    if validate not in ("none", "header", "full"):
-        raise ValueError(
-            f"`validate` must be one of 'none', 'header', 'full'. Received: validate={validate!r}"
-        )
+    validate = check_options(on_error, validate)
     if not items:
         raise DataError(f"{source}: no image/annotation pairs found (empty split)")
     settings = dict(
