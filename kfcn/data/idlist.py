@@ -54,13 +54,15 @@ class IdExample:
     where: str
 
 
-def read_id_list(list_file: str | os.PathLike) -> list[tuple[str, str]]:
+def read_id_list(list_file: str | os.PathLike, strict: bool = True) -> list[tuple[str, str]]:
     """Reads a split list of image ids, one per line.
 
     Blank lines are skipped; surrounding whitespace is stripped.
 
     Args:
         list_file: the list file.
+        strict: refuse lines of several tokens and ids listed twice. False reads the first
+            token of each line and keeps repeats, as VOC's and SBD's own lists need.
 
     Returns:
         (id, "list_file:line") pairs in file order.
@@ -83,6 +85,9 @@ def read_id_list(list_file: str | os.PathLike) -> list[tuple[str, str]]:
         text = line.strip()
         if not text:
             continue
+        if not strict:
+            ids.append((text.split()[0], f"{list_file}:{number}"))
+            continue
         if len(text.split()) != 1:
             raise DataError(f"{list_file}:{number}: expected one image id per line, got {text!r}")
         if text in seen:
@@ -92,7 +97,7 @@ def read_id_list(list_file: str | os.PathLike) -> list[tuple[str, str]]:
         seen[text] = number
         ids.append((text, f"{list_file}:{number}"))
     if not ids:
-        raise DataError(f"{list_file}: split list has no ids (empty split)")
+        raise DataError(f"{list_file} is empty: the split list has no ids (empty split)")
     return ids
 
 

@@ -92,6 +92,8 @@ Example = tuple[str, str, str]
 def read_id_list(path: os.PathLike | str) -> list[str]:
     """Reads a split list with one image id per line (extra columns and blank lines ignored).
 
+    `kfcn.data.idlist.read_id_list`, the one split-list reader, in its lenient mode.
+
     Args:
         path: the list file, e.g. `VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt`.
 
@@ -101,14 +103,9 @@ def read_id_list(path: os.PathLike | str) -> list[str]:
     Raises:
         DataError: the file is missing or holds no ids.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"Split list file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
-    if not ids:
-        raise DataError(f"Split list file {path} is empty: expected one image id per line.")
-    return ids
+    from kfcn.data import idlist
+
+    return [name for name, _ in idlist.read_id_list(path, strict=False)]
 
 
 def require_files(paths: Iterable[str], what: str) -> None:
