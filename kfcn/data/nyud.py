@@ -40,6 +40,7 @@ import numpy as np
 
 from kfcn.data import idlist
 from kfcn.data.images import DataError, ImageHeader, _open, read_header, read_image
+from kfcn.data.pairs import find_root
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -260,7 +261,7 @@ def load_nyud(
     if modality not in MODALITIES:
         raise ValueError(f"`modality` must be one of {MODALITIES}. Received: modality={modality!r}")
     validate = idlist.check_options(on_error, validate)
-    root = _root(data_dir)
+    root = find_root(data_dir, 'data', ("", 'nyud'))
     ids, source = _ids(root, split)
     roles = _ROLES[modality]
     examples = []
@@ -302,15 +303,3 @@ def load_nyud(
 
 
 load = load_nyud
-
-
-def _root(data_dir: str | os.PathLike | None) -> str:
-    if data_dir is not None:
-        return os.fspath(data_dir)
-    env = os.environ.get("KFCN_DATA_DIR")
-    if not env:
-        raise ValueError(
-            "`data_dir` must name the NYUDv2 folder (holding train.txt, data/, segmentation/) "
-            "or KFCN_DATA_DIR must be set. Received: data_dir=None"
-        )
-    return os.path.join(env, "nyud")

@@ -38,6 +38,7 @@ import numpy as np
 
 from kfcn.data import idlist
 from kfcn.data.images import read_header, read_image
+from kfcn.data.pairs import find_root
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -196,7 +197,7 @@ def load_siftflow(
     from kfcn.visualize import palette
 
     validate = idlist.check_options(on_error, validate)
-    root = _root(data_dir)
+    root = find_root(data_dir, 'Images', ("", 'siftflow'))
     list_file = split_list(split, root)
     examples = [
         idlist.IdExample(name, _paths(root, name), where)
@@ -235,15 +236,3 @@ def load_siftflow(
 
 
 load = load_siftflow
-
-
-def _root(data_dir: str | os.PathLike | None) -> str:
-    if data_dir is not None:
-        return os.fspath(data_dir)
-    env = os.environ.get("KFCN_DATA_DIR")
-    if not env:
-        raise ValueError(
-            "`data_dir` must name the SIFT Flow folder (holding Images/, SemanticLabels/, "
-            "GeoLabels/) or KFCN_DATA_DIR must be set. Received: data_dir=None"
-        )
-    return os.path.join(env, "siftflow")
