@@ -15,6 +15,7 @@ import json
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 import kfcn
 from kfcn import metadata
@@ -281,3 +282,17 @@ def test_predict_refuses_two_input_models_and_picks_a_task(fixture, tmp_path):
     assert source == "model" and class_info.names == ["sky", "horizontal", "vertical"]
     with pytest.raises(predict.ModelError, match=r"tasks \['sem', 'geo'\].*task='depth'"):
         predict.load_predictor(path, task="depth")
+
+    # The command: `kfcn predict --task geo` writes the geo class map with geo's names.
+    from kfcn.cli import main
+
+    image = np.clip(images[0], 0, 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    out = tmp_path / "out"
+    argv = ["predict", str(tmp_path / "scene.png"), "--model", str(path), "--output_dir", str(out)]
+    assert main([*argv, "--task", "geo"]) == 0
+    written = np.asarray(Image.open(out / "scene.png"))
+    assert _agreement(written, logits["geo"][0]) > MIN_AGREEMENT
+    summary = json.loads((out / "summary.json").read_text())
+    assert "vertical" in json.dumps(summary)
+    assert main([*argv, "--task", "depth"]) == 1

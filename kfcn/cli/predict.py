@@ -22,7 +22,8 @@ resized. A folder is searched recursively and its subfolders are kept in the
 output names; when two inputs would get the same name (a/x.jpg, b/x.jpg), the
 later gets "_2" (x_2.png) with a warning. An image that cannot be decoded is
 skipped; the others are written and the command then fails (exit 1) naming the
-skipped files.
+skipped files. A multi-task model (SIFT Flow's sem and geo heads) is segmented
+for one task per run, --task (default: its first).
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_bool(parser, "probabilities", False, "Also write NAME_probs.npy (float16 softmax)")
     parser.add_argument(
+        "--task",
+        default=None,
+        help="For a multi-task model (SIFT Flow's sem and geo), the task to segment for "
+        "(default: its first task).",
+    )
+    parser.add_argument(
         "--palette",
         choices=PALETTE_CHOICES,
         default=None,
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     except predict.InputError as error:
         raise UsageError(str(error)) from error
     try:
-        predictor = predict.load_predictor(args.model)
+        predictor = predict.load_predictor(args.model, task=args.task)
         predict.check_tile(predictor, args.tile)
     except predict.ModelError as error:
         raise CommandError(str(error)) from error
