@@ -14,7 +14,6 @@ on those images is reported too.
 """
 
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,8 +21,11 @@ import time
 # This folder is sys.path[0] when run as a script; keep it from shadowing modules.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from bench import common  # noqa: E402
 
 MODEL = flags.DEFINE_string("model", None, "kfcn model (.keras); default: random mobilenetv2.")
 BACKBONE = flags.DEFINE_string("backbone", "mobilenetv2", "Backbone when --model is not given.")
@@ -59,17 +61,6 @@ def _time(fn, runs, warmup):
         fn()
         times.append((time.perf_counter() - start) * 1000.0)
     return float(np.median(times)), float(np.percentile(times, 90))
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv):
@@ -146,7 +137,7 @@ def main(argv):
 
     print(f"\nModel: {name}, input 1x{height}x{width}x3")
     print(
-        f"Machine: {_cpu_name()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
+        f"Machine: {common.cpu_model()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
         f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '?')}, LiteRT threads "
         f"{threads}; {RUNS.value} runs after {WARMUP.value} warm-up"
     )
