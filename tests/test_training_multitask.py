@@ -253,7 +253,8 @@ def _scalars(log_dir):
             for value in event.summary.value:
                 number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else None
                 tags.setdefault(value.tag, []).append((event.step, float(number)))
-    return tags
+    # A resumed run writes a second events file; glob's order is the file system's.
+    return {tag: sorted(points) for tag, points in tags.items()}
 
 
 def _numpy_mean_iou(truth, predicted, n):
