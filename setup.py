@@ -12,8 +12,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["kfcn", "kfcn.*"]),
-    # The FCN authors' SIFT Flow split lists (kfcn.data.siftflow).
-    package_data={"kfcn.data": ["siftflow_splits/*.txt"]},
+    # The FCN authors' SIFT Flow split lists (kfcn.data.siftflow) and the shipped
+    # trained models (kfcn.presets).
+    package_data={
+        "kfcn.data": ["siftflow_splits/*.txt"],
+        "kfcn": ["preset_files/*/*.json", "preset_files/*/*.npz"],
+    },
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16",

@@ -33,6 +33,8 @@ _LAZY_ATTRS = {
     "shift_and_stitch": "kfcn.stitching",
     "build_dilated_fcn": "kfcn.dilated_fcn",
     "inference_model": "kfcn.dilated_fcn",
+    "from_preset": "kfcn.presets",
+    "list_presets": "kfcn.presets",
 }
 _LAZY_MODULES = (
     "backbones",
@@ -51,6 +53,7 @@ _LAZY_MODULES = (
     "metrics",
     "modality",
     "models",
+    "presets",
     "surgery",
     "training",
 )

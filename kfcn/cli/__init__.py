@@ -5,6 +5,7 @@
     kfcn predict   class maps and overlays for image files, folders or globs
     kfcn export    SavedModel, TF Serving directory, TFLite or ONNX file
     kfcn demo      trains FCN-32s/16s/8s on generated data and shows what they do
+    kfcn presets   the trained models that ship with kfcn (names work as --model)
 
 Each subcommand is a module of this package with `HELP` (one line),
 `add_arguments(parser)` and `run(args) -> int`; flags and their help sit in
@@ -37,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("kfcn.cli.predict", "Segment image files, folders or globs."),
     "export": ("kfcn.cli.export", "Export to SavedModel, TF Serving, TFLite or ONNX."),
     "demo": ("kfcn.cli.demo", "Train FCN-32s/16s/8s on generated data and show the results."),
+    "presets": ("kfcn.cli.presets", "List the shipped trained models and their model cards."),
 }
 
 

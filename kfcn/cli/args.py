@@ -185,6 +185,33 @@ def existing_path(flag: str):
     return check
 
 
+def model_path(flag: str):
+    """An argparse `type=` for a model: an existing path, or a preset's name.
+
+    A preset name (`kfcn.list_presets()`) becomes the path of its `.keras` file,
+    written once to the cache (`kfcn.presets.preset_model_path`); an existing
+    path of the same name wins.
+    """
+
+    def check(text: str) -> str:
+        from kfcn import presets
+
+        if os.path.exists(text):
+            return text
+        if presets.is_preset(text):
+            try:
+                return presets.preset_model_path(text)
+            except presets.PresetError as error:
+                raise UsageError(f"--{flag}: {error}") from error
+        known = ", ".join(presets.preset_names()) or "none"
+        raise UsageError(
+            f"--{flag}: {text!r} does not exist and is not a preset (shipped presets: {known})."
+        )
+
+    check.__name__ = "model"
+    return check
+
+
 def read_settings_file(path: str) -> dict[str, Any]:
     """Reads a YAML or JSON settings file (a mapping of flag name to value).
 

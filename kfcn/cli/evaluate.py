@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Any
 
-from kfcn.cli.args import add_bool, existing_path, names_type, size_type
+from kfcn.cli.args import add_bool, existing_path, model_path, names_type, size_type
 from kfcn.cli.errors import CommandError, UsageError
 from kfcn.data import DATASETS
 from kfcn.training.config import MODALITIES
@@ -101,7 +101,12 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `kfcn evaluate`."""
-    parser.add_argument("--model", required=True, help="The model (.keras) to evaluate.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=model_path("model"),
+        help="The model (.keras) to evaluate, or a preset name (e.g. camvid_fcn8s_mobilenetv2).",
+    )
     add_dataset_arguments(parser)
     test = parser.add_argument_group("test mode")
     test.add_argument(

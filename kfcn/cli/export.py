@@ -22,7 +22,7 @@ import argparse
 import os
 from typing import Any
 
-from kfcn.cli.args import add_bool, parse_size, size_type
+from kfcn.cli.args import add_bool, model_path, parse_size, size_type
 from kfcn.cli.errors import CommandError, UsageError
 
 HELP = "Export to SavedModel, TF Serving, TFLite or ONNX."
@@ -57,7 +57,12 @@ Input `images` float32 [batch, H, W, 3] 0..255 RGB, output `logits` float32
 
 
 def _common(parser: argparse.ArgumentParser, output_help: str | None) -> None:
-    parser.add_argument("--model", required=True, help="kfcn model (.keras) to export.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=model_path("model"),
+        help="kfcn model (.keras) to export, or a preset name (e.g. camvid_fcn8s_mobilenetv2).",
+    )
     if output_help:
         parser.add_argument("--output", required=True, help=output_help)
     add_bool(parser, "overwrite", False, "Replace an existing output")

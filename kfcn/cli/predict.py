@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 
-from kfcn.cli.args import add_bool, size_type
+from kfcn.cli.args import add_bool, model_path, size_type
 from kfcn.cli.errors import CommandError, UsageError
 
 HELP = "Segment image files, folders or globs."
@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
+        type=model_path("model"),
         help="A .keras file, a SavedModel directory (or a TF Serving model directory: its "
-        "latest version) or a .tflite file, written by kfcn.",
+        "latest version) or a .tflite file, written by kfcn; or a preset name "
+        "(kfcn.list_presets(), e.g. camvid_fcn8s_mobilenetv2).",
     )
     parser.add_argument(
         "--output_dir", required=True, help="Where the results go (created if missing)."

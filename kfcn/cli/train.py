@@ -32,6 +32,7 @@ from kfcn.cli.args import (
     add_bool,
     existing_path,
     mapping_type,
+    model_path,
     names_type,
     parse_with_config,
     range_type,
@@ -215,9 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     flag(
         "init_from",
-        "A .keras model whose same-named layers initialise this one (staged "
-        "training: 32s, then 16s, then 8s).",
-        type=existing_path("init_from"),
+        "A .keras model (or a preset name, e.g. camvid_fcn8s_mobilenetv2) whose "
+        "same-named layers initialise this one (staged training: 32s, then 16s, then 8s).",
+        type=model_path("init_from"),
         metavar="FILE",
     )
     add_bool(parser, "trainable_upsampling", False, "Learn the bilinear upsampling")
@@ -290,6 +291,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "mixed_precision",
         False,
         "float16 (GPU) or bfloat16 (CPU) compute; model.keras stays float32",
+    )
+    add_bool(
+        parser,
+        "jit_compile",
+        False,
+        "Compile the train step with XLA (one replica; measure first: slower for "
+        "MobileNetV2 on CPU)",
     )
     # Bookkeeping.
     flag("eval_every", "Validate every N steps (0: every epoch) and at the end.", type=int)

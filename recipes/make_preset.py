@@ -1,0 +1,137 @@
+"""Packs a finished `kfcn train` run as a shipped preset (`kfcn.presets`).
+
+Scores the run's model on the validation split as it will ship (weights rounded
+to the preset's float16 storage), once on whole images and once with test-time
+flip, measures the argmax agreement of the stored weights with the float32 model
+on every validation pixel, and writes `kfcn/preset_files/<name>/` with the model
+card: the training command, data, steps, wall clock, machine and these scores.
+
+    python recipes/make_preset.py --run_dir /work/runs/camvid_mnv2_60 \
+        --name camvid_fcn8s_mobilenetv2 --data_dir ../shared/data/camvid \
+        --train_command "kfcn train ..." --wall_clock_minutes 55.2 --use_best
+
+The validation split chooses the checkpoint (`--use_best`: the run's
+best.weights.h5) and is reported; it is never trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import numpy as np
+
+# bench/ (the benchmark scripts) names the machine the same way for every figure.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import cpu_model  # noqa: E402
+
+
+def _scores(results: dict) -> dict:
+    keys = ("mean_iou", "pixel_accuracy", "mean_accuracy", "frequency_weighted_iou")
+    out = {key: round(float(results[key]), 6) for key in keys}
+    out["iou"] = {name: round(float(v), 6) for name, v in results["iou"].items()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run_dir", required=True, help="A finished kfcn train run directory.")
+    parser.add_argument("--name", required=True, help="Preset name, e.g. camvid_fcn8s_mobilenetv2.")
+    parser.add_argument("--data_dir", required=True, help="Root of the validation dataset.")
+    parser.add_argument("--dataset", default="camvid", help="Dataset name (load_dataset).")
+    parser.add_argument("--split", default="val", help="Validation split.")
+    parser.add_argument("--use_best", action="store_true", help="Ship best.weights.h5.")
+    parser.add_argument("--train_command", required=True, help="The command that trained it.")
+    parser.add_argument("--wall_clock_minutes", type=float, required=True)
+    parser.add_argument("--description", default="")
+    parser.add_argument("--architecture", default="")
+    parser.add_argument(
+        "--output_dir", default=None, help="Default: kfcn/preset_files/<name> of this checkout."
+    )
+    args = parser.parse_args(argv)
+
+    import kfcn
+    from kfcn import evaluation, presets
+    from kfcn.data import load_dataset
+    from kfcn.metadata import read_class_info
+
+    model_path = os.path.join(args.run_dir, "model.keras")
+    model = kfcn.load_model(model_path, compile=False)
+    info_classes = read_class_info(model_path)
+    if info_classes is None:
+        sys.exit(f"{model_path} carries no class names; save it with kfcn.metadata.save_model")
+    with open(os.path.join(args.run_dir, "result.json"), encoding="utf-8") as handle:
+        result = json.load(handle)
+    step = result["final_step"]
+    if args.use_best:
+        model.load_weights(os.path.join(args.run_dir, "best.weights.h5"))
+        step = result["best"]["step"]
+
+    # The shipped weights: float16-rounded where stored so, as from_preset loads them.
+    float32_weights = [v.numpy() for v in model.weights]
+    stored = presets.storage_arrays(model)
+    dataset, info = load_dataset(args.dataset, args.split, data_dir=args.data_dir)
+    agree = total = 0
+    reference = []
+    for example in dataset:
+        image = example["image"]
+        reference.append(np.asarray(evaluation.predict_whole(model, image)))
+    for variable in model.weights:
+        variable.assign(stored[variable.path].astype(np.float32))
+    for example, ref in zip(dataset, reference):
+        prediction = np.asarray(evaluation.predict_whole(model, example["image"]))
+        agree += int((prediction == ref).sum())
+        total += ref.size
+    whole = evaluation.evaluate(model, dataset, info, mode="whole")
+    flip = evaluation.evaluate(model, dataset, info, mode="msflip", scales=(1.0,), flip=True)
+    print(f"float16 storage argmax agreement {agree / total:.6f} over {total} pixels")
+    print(f"whole mean IU {whole['mean_iou']:.4f}; flip {flip['mean_iou']:.4f}")
+    del float32_weights
+
+    card = {
+        "name": args.name,
+        "description": args.description,
+        "architecture": args.architecture,
+        "class_info": info_classes.to_dict(),
+        "input": "RGB images, uint8 values 0..255 (float accepted), any height and width",
+        "training": {
+            "command": args.train_command,
+            "data": f"{args.dataset} train split only ({result['run']['num_train_examples']} "
+            "images), random initialisation (no pretrained weights)",
+            "steps": int(result["final_step"]),
+            "checkpoint_step": int(step),
+            "selection": "best validation mean IU" if args.use_best else "final step",
+            "wall_clock_minutes": args.wall_clock_minutes,
+            "images_per_second": result.get("images_per_second"),
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores, no GPU",
+            "tensorflow": __import__("tensorflow").__version__,
+            "keras": __import__("keras").__version__,
+            "date": datetime.date.today().isoformat(),
+        },
+        "validation": {
+            "data": f"{args.dataset} {args.split} split ({whole['num_images']} images, "
+            "native size), used to select the checkpoint, never trained on",
+            "command": f"kfcn evaluate --model {args.name} --dataset {args.dataset} "
+            f"--data_dir DATA --split {args.split}",
+            "whole": _scores(whole),
+            "flip": _scores(flip),
+            "mean_iou": round(float(whole["mean_iou"]), 6),
+        },
+        "weights": {
+            "storage": f"float16 for arrays of >= {presets.FLOAT16_MIN_SIZE} values, "
+            "float32 otherwise; computed in float32",
+            "float16_argmax_agreement": round(agree / total, 6),
+        },
+    }
+    folder = args.output_dir or os.path.join(presets.PRESET_DIR, args.name)
+    card = presets.write_preset(model, card, folder)
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    print(f"wrote {folder} ({size / 1e6:.2f} MB, {card['weights']['parameters']} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
