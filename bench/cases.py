@@ -177,7 +177,9 @@ def run_training(case: dict[str, Any]) -> list[dict[str, Any]]:
         with strategy.scope():
             model = build_model(case["model"], (height, width, 3), num_classes)
             optimizer = keras.optimizers.SGD(1e-3, momentum=0.9)
-        step = loop.make_train_step(strategy, model, optimizer, ignore_label=255)
+        step = loop.make_train_step(
+            strategy, model, optimizer, ignore_label=255, jit_compile=case.get("jit_compile", False)
+        )
         counted = common.forward_flops(model, (batch, height, width, 3))
         images = tf.constant(_images(batch, height, width))
         labels = tf.random.stateless_uniform(

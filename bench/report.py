@@ -122,6 +122,7 @@ def training_table(records: list[dict[str, Any]]) -> list[str]:
                 _size(r),
                 str(c["batch"]),
                 c["precision"],
+                "xla" if c.get("jit_compile") else "tf.function",
                 str(r.get("replicas", 1)),
                 f"{r['images_per_s']:.2f}",
                 _ms(r),
@@ -136,6 +137,7 @@ def training_table(records: list[dict[str, Any]]) -> list[str]:
         "crop",
         "batch",
         "precision",
+        "path",
         "replicas",
         "images/s",
         "ms/step median (IQR)",
@@ -159,6 +161,7 @@ def pipeline_table(records: list[dict[str, Any]]) -> list[str]:
             and t["case"]["batch"] == c["batch"]
             and t.get("replicas", 1) == 1
             and t["case"]["precision"] == "float32"
+            and not t["case"].get("jit_compile")
         ]
         ratio = f"{r['images_per_s'] / same[0]['images_per_s']:.1f}x" if same else "-"
         rows.append(

@@ -118,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
         help="'<model>@<HxW>/<batch>'; the last one is also run on 2 replicas "
         "and is the rate the input pipeline is compared with",
     )
+    p.add_argument(
+        "--train_xla",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time each training case's step compiled with XLA (kfcn train --jit_compile)",
+    )
     p.add_argument("--litert_model", default="fcn8s:mobilenetv2")
     p.add_argument("--litert_size", type=_size, default=(360, 480))
     p.add_argument(
@@ -218,6 +224,17 @@ def plan(args: argparse.Namespace, bfloat16_units: bool) -> list[dict[str, Any]]
                     precision=precision,
                     replicas=1,
                 )
+            # `kfcn train --jit_compile`: XLA over the whole step, float32.
+            if args.train_xla:
+                add(
+                    kind="training",
+                    model=model,
+                    size=list(size),
+                    batch=batch,
+                    precision="float32",
+                    replicas=1,
+                    jit_compile=True,
+                )
             if i == len(train_cases) - 1 and batch % 2 == 0:
                 add(
                     kind="training",
@@ -285,6 +302,8 @@ def case_name(case: dict[str, Any]) -> str:
     parts = [kind, model_label(case["model"]), size, f"b{case['batch']}"]
     if kind == "inference":
         parts.append(case["mode"])
+    if case.get("jit_compile"):
+        parts.append("xla")
     if case.get("precision", "float32") != "float32":
         parts.append(case["precision"])
     if case.get("replicas", 1) > 1:

@@ -134,10 +134,15 @@ def test_default_plan():
     assert [(c["model"], c["precision"], c["replicas"]) for c in training] == [
         ("fcn8s:vgg16", "float32", 1),
         ("fcn8s:vgg16", "mixed_bfloat16", 1),
+        ("fcn8s:vgg16", "float32", 1),
         ("fcn8s:mobilenetv2", "float32", 1),
         ("fcn8s:mobilenetv2", "mixed_bfloat16", 1),
+        ("fcn8s:mobilenetv2", "float32", 1),
         ("fcn8s:mobilenetv2", "float32", 2),
     ]
+    assert [bool(c.get("jit_compile")) for c in training] == [0, 0, 1, 0, 0, 1, 0]
+    no_xla = suite.plan(suite.parser().parse_args(["--no-train_xla"]), True)
+    assert not any(c.get("jit_compile") for c in no_xla)
     # The peer alternates with kfcn's same model, size and batch, in separate processes.
     peer = [c for c in with_bf16 if c.get("peer_comparison") or c["kind"].startswith("peer_")]
     assert [c["kind"] for c in peer[:4]] == [
@@ -182,6 +187,7 @@ def toy_run(tmp_path_factory):
             "fcn8s:mobilenetv2@32x32/2",
             "--bf16",
             "never",
+            "--no-train_xla",
             "--out",
             str(out),
         ]

@@ -100,6 +100,9 @@ class TrainConfig:
         cat_max_ratio: Redraw a training crop (up to 10 times) while one class
             covers more than this fraction of it (mmseg 0.75); None disables.
         mixed_precision: float16 (GPU) or bfloat16 (CPU) compute.
+        jit_compile: Compile the train step with XLA (one replica only; faster
+            for some models, much slower for depthwise convolutions on CPU:
+            see README's benchmarks).
         eval_every: Validate every N steps (0: every epoch) and at the end.
         max_eval_images: Validate on at most this many images.
         val_mode: "whole" images or "slide" windows (mmseg's Cityscapes 769x769 rows).
@@ -165,6 +168,7 @@ class TrainConfig:
     photometric: str = "none"
     cat_max_ratio: float | None = None
     mixed_precision: bool = False
+    jit_compile: bool = False
     eval_every: int = 0
     max_eval_images: int | None = None
     val_mode: str = "whole"

@@ -267,6 +267,7 @@ class Inputs:
             val_mode=config.val_mode,
             val_crop_size=config.val_crop_size,
             val_stride=config.val_stride,
+            jit_compile=config.jit_compile,
         )
 
     def facts(self, strategy: Any, num_workers: int) -> dict[str, Any]:

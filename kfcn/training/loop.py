@@ -84,6 +84,7 @@ class LoopConfig:
         val_mode: "whole" or "slide" validation (`kfcn.evaluation.predict`).
         val_crop_size: window of "slide".
         val_stride: stride of "slide" (default 2/3 of the window).
+        jit_compile: compile the train step with XLA (see `make_train_step`).
     """
 
     total_steps: int
@@ -101,6 +102,7 @@ class LoopConfig:
     val_mode: str = "whole"
     val_crop_size: tuple[int, int] | None = None
     val_stride: tuple[int, int] | None = None
+    jit_compile: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -177,6 +179,7 @@ def make_train_step(
     aux_loss_weight: float = 0.4,
     task_loss_weights: dict[str, float] | None = None,
     loss_reduction: str = "mean",
+    jit_compile: bool = False,
 ) -> Callable[[Any], tuple[Any, ...]]:
     """Builds the distributed train step.
 
@@ -203,6 +206,8 @@ def make_train_step(
         task_loss_weights: weight of each main output's loss by name (default 1).
         loss_reduction: "mean" (per output, over the global batch's valid pixels)
             or "sum" (unnormalised).
+        jit_compile: compile each replica's forward, backward and update with
+            XLA (one device only: XLA cannot compile the cross-replica sum).
 
     Returns:
         A `tf.function` taking an iterator over the distributed dataset and
@@ -282,6 +287,14 @@ def make_train_step(
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         output_losses = {name: per_output[i] for i, name in enumerate(pairs)}
         return data_loss, l2, grad_norm, output_losses
+
+    if jit_compile:
+        if num_replicas > 1:
+            raise ValueError(
+                "`jit_compile` needs one replica: XLA cannot compile the cross-replica sum. "
+                f"Received: jit_compile=True with {num_replicas} replicas"
+            )
+        replica_step = tf.function(replica_step, jit_compile=True)
 
     @tf.function
     def train_step(iterator: Any) -> tuple[Any, ...]:
@@ -640,6 +653,7 @@ def train(
         aux_loss_weight=config.aux_loss_weight,
         task_loss_weights=config.task_loss_weights,
         loss_reduction=config.loss_reduction,
+        jit_compile=config.jit_compile,
     )
     best = BestModel(model_dir, config.selection_metric, info.is_chief)
     distributed = strategy.distribute_datasets_from_function(
@@ -718,20 +732,39 @@ def train(
         eval_writer.flush()
         return scores
 
+    # Step results stay on the device until the next log, checkpoint or validation:
+    # no host synchronisation per step (`pending` holds at most one interval).
+    pending: list[tuple[Any, ...]] = []
+
+    def settle() -> tuple[float, float, float, dict[str, Any]]:
+        """Reads the pending steps' results; raises at the first non-finite one."""
+        first = step - len(pending) + 1
+        values = (0.0, 0.0, 0.0, {})
+        for offset, (loss_t, l2_t, norm_t, losses_t) in enumerate(pending):
+            values = (float(loss_t), float(l2_t), float(norm_t), losses_t)
+            if not all(math.isfinite(v) for v in values[:3]):
+                raise NonFiniteLossError(
+                    f"Loss is {values[0]} (l2 {values[1]}, gradient norm {values[2]}) at step "
+                    f"{first + offset}: training stopped without saving. The last good "
+                    f"checkpoint is {last_saved}. Lower `learning_rate` or check the input data."
+                )
+        pending.clear()
+        return values
+
     with _Watchdog(config.step_timeout, lambda: f"at step {step}") as watchdog:
         while step < config.total_steps:
             with _collective_failures(info, step, last_saved):
-                loss, l2, grad_norm, output_losses = train_step(iterator)
-                loss, l2, grad_norm = float(loss), float(l2), float(grad_norm)
-            if not all(math.isfinite(v) for v in (loss, l2, grad_norm)):
-                raise NonFiniteLossError(
-                    f"Loss is {loss} (l2 {l2}, gradient norm {grad_norm}) at step {step + 1}: "
-                    f"training stopped without saving. The last good checkpoint is {last_saved}. "
-                    "Lower `learning_rate` or check the input data."
-                )
+                pending.append(train_step(iterator))
             step += 1
             window_steps += 1
             watchdog.beat()
+            saving = step % config.checkpoint_every == 0 or step == config.total_steps
+            validating = eval_dataset_fn is not None and (
+                (config.eval_every and step % config.eval_every == 0) or step == config.total_steps
+            )
+            if step % config.log_every == 0 or saving or validating:
+                with _collective_failures(info, step, last_saved):
+                    loss, l2, grad_norm, output_losses = settle()
             if step % config.log_every == 0 or step == config.total_steps:
                 elapsed = time.monotonic() - window_start
                 rate = window_steps * config.global_batch_size / max(elapsed, 1e-9)
@@ -767,15 +800,13 @@ def train(
                 train_writer.flush()
                 window_start, window_steps = time.monotonic(), 0
             pause_start = time.monotonic()
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
+            if saving:
                 step_var.assign(step)
                 with _collective_failures(info, step, last_saved):
                     saved = checkpoint.save(step)
                 last_saved = saved or checkpoint.latest
                 watchdog.beat()
-            if eval_dataset_fn is not None and (
-                (config.eval_every and step % config.eval_every == 0) or step == config.total_steps
-            ):
+            if validating:
                 with _collective_failures(info, step, last_saved):
                     last_scores = run_eval()
                 watchdog.beat()
