@@ -607,6 +607,9 @@ def load_model(
 
     `keras.saving.load_model` with kfcn's registered layers, losses and metrics
     available (a model compiled for training carries its loss and metrics).
+    `model.class_info` is the class names and palette the file carries
+    (`kfcn.metadata.read_class_info`, None if it carries none), as for
+    `kfcn.from_preset`.
 
     Raises:
         ValueError: If `path` does not exist.
@@ -616,4 +619,8 @@ def load_model(
 
     if not os.path.exists(path):
         raise ValueError(f"`path` does not exist. Received: path={str(path)!r}")
-    return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
+    from kfcn.metadata import read_class_info
+
+    model = keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
+    model.class_info = read_class_info(path)
+    return model

@@ -126,6 +126,7 @@ def test_preset_model_path_writes_a_kfcn_keras_file_once(packed):
     path = presets.preset_model_path("tiny")
     assert path.startswith(os.environ["KFCN_CACHE_DIR"]) and path.endswith(".keras")
     assert read_class_info(path).names == NAMES
+    assert kfcn.load_model(path, compile=False).class_info.names == NAMES
     stamp = os.stat(path).st_mtime_ns
     assert presets.preset_model_path("tiny") == path
     assert os.stat(path).st_mtime_ns == stamp
@@ -181,6 +182,22 @@ def test_predict_command_runs_a_preset(packed, tmp_path):
     assert main(argv) == 0
     written = sorted(os.listdir(out))
     assert any(name.endswith(".png") for name in written), written
+
+
+def test_presets_command_lists_and_shows_cards(packed, capsys):
+    from kfcn.cli import main
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tiny ")
+    assert main(["presets", "tiny", "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["class_info"]["names"] == NAMES and card["weights"]["sha256"]
+    assert main(["presets", "tiny"]) == 0
+    assert "classes (3): sky, road, car" in capsys.readouterr().out
+    assert main(["presets", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and "tiny" in err[0]
 
 
 # --- the shipped preset ---------------------------------------------------------------
