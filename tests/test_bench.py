@@ -259,5 +259,5 @@ def test_readme_bench_commands_parse():
         args = suite.parser().parse_args(argv)
         assert set(args.only) <= set(suite.GROUPS)
     # The full default plan is the README's case count.
-    assert len(suite.plan(suite.parser().parse_args([]), bfloat16_units=True)) == 95
+    assert len(suite.plan(suite.parser().parse_args([]), bfloat16_units=True)) == 97
     assert any(words[2] == "bench.report" for words in lines)
