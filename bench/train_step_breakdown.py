@@ -1,0 +1,115 @@
+"""Where a training step's time goes: forward, forward + gradients, and the whole kfcn step.
+
+    python -m bench.train_step_breakdown [--model fcn8s:vgg16] [--size 512x512] [--batch 1]
+
+In one process, after a float32 matmul yardstick, times (median of `--repeats` after
+two warm-ups, each a `tf.function`):
+
+1. the forward pass (training=True) and the loss;
+2. (1) plus the gradients of every trainable variable (`GradientTape`), no update;
+3. kfcn's whole step (`make_train_step`: (2), the weight-decay term, the gradient
+   norm, the SGD momentum update, the cross-replica reductions), without and with
+   weight decay.
+
+Each row is also a fraction of the matmul rate, counting the forward FLOPs once for
+(1) and three times for the others (input and weight gradients). The differences
+between rows are what the optimizer update, the L2 term and the norm cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(HERE))
+
+from bench import common  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="fcn8s:vgg16")
+    parser.add_argument("--size", default="512x512")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--num_classes", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    height, width = (int(v) for v in args.size.split("x"))
+
+    import keras
+    import tensorflow as tf
+
+    from bench.cases import _images, build_model
+    from kfcn.losses import pixel_cross_entropy
+    from kfcn.training import loop
+
+    matmul = common.matmul_rate("float32")
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = build_model(args.model, (height, width, 3), args.num_classes)
+    images = tf.constant(_images(args.batch, height, width))
+    labels = tf.random.stateless_uniform(
+        (args.batch, height, width), (0, 1), maxval=args.num_classes, dtype=tf.int32
+    )
+    flops = common.forward_flops(model, (args.batch, height, width, 3))["total"]
+    variables = model.trainable_variables
+
+    @tf.function
+    def forward():
+        loss, weight = pixel_cross_entropy(labels, model(images, training=True))
+        return loss / weight
+
+    @tf.function
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss, weight = pixel_cross_entropy(labels, model(images, training=True))
+            loss = loss / weight
+        grads = tape.gradient(loss, variables)
+        return loss + tf.add_n([tf.reduce_sum(g[..., :1]) * 0.0 for g in grads])
+
+    rows = [("forward + loss", forward, 1), ("forward + gradients", gradients, 3)]
+    for decay in (0.0, 5e-4):
+        with strategy.scope():
+            optimizer = keras.optimizers.SGD(1e-10, momentum=0.9)
+        step = loop.make_train_step(strategy, model, optimizer, weight_decay=decay)
+        dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+        iterator = iter(strategy.experimental_distribute_dataset(dataset))
+        rows.append(
+            (f"kfcn step, weight_decay {decay:g}", lambda s=step, i=iterator: s(i)[0], 3)
+        )
+    results = []
+    for name, fn, multiple in rows:
+        timing = common.time_calls(lambda f=fn: f().numpy(), args.repeats, 2)
+        rate = multiple * flops / timing["median_s"]
+        results.append(
+            {
+                "what": name,
+                "median_s": timing["median_s"],
+                "iqr_s": timing.get("iqr_s"),
+                "of_f32_matmul": rate / matmul["flop_per_s"],
+            }
+        )
+    record = {
+        "machine": common.machine(),
+        "model": args.model,
+        "size": [height, width],
+        "batch": args.batch,
+        "forward_gflop": flops / 1e9,
+        "matmul_gflop_per_s": matmul["flop_per_s"] / 1e9,
+        "rows": results,
+    }
+    print(json.dumps(record, indent=1))
+    print(f"| what | s median | of f32 matmul ({matmul['flop_per_s'] / 1e9:.0f} GFLOP/s) |")
+    print("|---|---:|---:|")
+    for row in results:
+        print(f"| {row['what']} | {row['median_s']:.3f} | {row['of_f32_matmul']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
