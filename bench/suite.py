@@ -214,35 +214,21 @@ def plan(args: argparse.Namespace, bfloat16_units: bool) -> list[dict[str, Any]]
         for i, (model, size, batch) in enumerate(train_cases):
             size = args.quick_size if quick else size
             batch = min(batch, 2) if quick else batch
-            precisions = ["float32"] + (["mixed_bfloat16"] if bf16 else [])
-            for precision in precisions:
+            # (precision, replicas, extra): float32, bfloat16, `kfcn train --jit_compile`
+            # (XLA over the whole step), and the last case on 2 replicas.
+            variants = [("float32", 1, {})]
+            variants += [("mixed_bfloat16", 1, {})] * bf16
+            variants += [("float32", 1, {"jit_compile": True})] * args.train_xla
+            variants += [("float32", 2, {})] * (i == len(train_cases) - 1 and batch % 2 == 0)
+            for precision, replicas, extra in variants:
                 add(
                     kind="training",
                     model=model,
                     size=list(size),
                     batch=batch,
                     precision=precision,
-                    replicas=1,
-                )
-            # `kfcn train --jit_compile`: XLA over the whole step, float32.
-            if args.train_xla:
-                add(
-                    kind="training",
-                    model=model,
-                    size=list(size),
-                    batch=batch,
-                    precision="float32",
-                    replicas=1,
-                    jit_compile=True,
-                )
-            if i == len(train_cases) - 1 and batch % 2 == 0:
-                add(
-                    kind="training",
-                    model=model,
-                    size=list(size),
-                    batch=batch,
-                    precision="float32",
-                    replicas=2,
+                    replicas=replicas,
+                    **extra,
                 )
     if "pipeline" in args.only and train_cases:
         _, size, batch = train_cases[-1]

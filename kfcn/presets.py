@@ -106,6 +106,12 @@ def list_presets() -> dict[str, dict[str, Any]]:
     return {name: model_card(name) for name in preset_names()}
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """The bytes of the files in a preset folder (what `MAX_PRESET_BYTES` limits)."""
+    folder = os.fspath(folder)
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -273,7 +279,7 @@ def write_preset(model: Any, card: dict[str, Any], folder: str | os.PathLike) ->
         parameters=int(model.count_params()),
     )
     write_json_atomically(card, os.path.join(folder, CARD_FILE))
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    size = folder_bytes(folder)
     if size > MAX_PRESET_BYTES:
         raise ValueError(
             f"preset folder {folder} holds {size} bytes; the limit is {MAX_PRESET_BYTES}"

@@ -214,8 +214,7 @@ def test_shipped_preset_card_matches_its_files():
 
     card = _shipped_card()
     folder = os.path.join(presets.PRESET_DIR, SHIPPED)
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-    assert size <= presets.MAX_PRESET_BYTES
+    assert presets.folder_bytes(folder) <= presets.MAX_PRESET_BYTES
     for key in ("command", "data", "wall_clock_minutes", "machine", "date"):
         assert card["training"][key], key
     assert card["weights"]["float16_argmax_agreement"] >= 0.999

@@ -30,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _size_mb(name: str) -> float:
     from kfcn import presets
 
-    folder = os.path.join(presets.PRESET_DIR, name)
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 1e6
+    return presets.folder_bytes(os.path.join(presets.PRESET_DIR, name)) / 1e6
 
 
 def _card_text(name: str, card: dict) -> str:
