@@ -166,6 +166,54 @@ def traced(model: keras.Model) -> Callable[..., tf.Tensor]:
     return _Traced(model)
 
 
+class _ReplicaForward:
+    """Whole-image forward passes spread over a strategy's local replicas.
+
+    Each call takes up to one image per local replica (sizes may differ) and runs
+    them in one `strategy.run`, so the replicas' devices work at the same time on
+    their own copies of the variables. A short group is padded with its last image,
+    whose extra results are dropped.
+    """
+
+    def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+        self.strategy = strategy
+        self.size = len(strategy.extended.worker_devices)
+        self.tasks: list[tuple[str, int]] | None = None
+
+        def forward(batch: Any) -> tf.Tensor:
+            logits = model(batch, training=False)
+            if isinstance(logits, dict):
+                self.tasks = _pack(logits)[1]  # set while tracing
+            return _forward(model, batch, logits=logits)
+
+        def run(per_replica: Any) -> Any:
+            return strategy.run(forward, args=(per_replica,))
+
+        self._run = tf.function(run, reduce_retracing=True)
+
+    def __call__(self, images: Sequence[Any]) -> list[tf.Tensor]:
+        batches = [_image_batch(image) for image in images]
+        count = len(batches)
+        if not 0 < count <= self.size:
+            raise ValueError(f"Takes 1 to {self.size} images. Received {count}")
+        batches += [batches[-1]] * (self.size - count)
+        values = self.strategy.experimental_distribute_values_from_function(
+            lambda context: batches[context.replica_id_in_sync_group % self.size]
+        )
+        results = self.strategy.experimental_local_results(self._run(values))
+        return [logits[0] for logits in results[:count]]
+
+
+def local_replicas(strategy: tf.distribute.Strategy | None) -> int:
+    """Number of replicas `strategy` runs in this process (1 without a strategy)."""
+    if strategy is None:
+        return 1
+    try:
+        return len(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy has no device list: one device
+        return 1
+
+
 def _tasks_of(model: Any) -> list[tuple[str, int]] | None:
     return getattr(model, "tasks", None)
 
@@ -178,8 +226,9 @@ def _softmax(logits: tf.Tensor, tasks: list[tuple[str, int]] | None) -> tf.Tenso
     return tf.concat([tf.nn.softmax(p, axis=-1) for p in parts], axis=-1)
 
 
-def _forward(model: keras.Model, batch: tf.Tensor) -> tf.Tensor:
-    logits = model(batch, training=False)
+def _forward(model: keras.Model, batch: tf.Tensor, logits: Any = None) -> tf.Tensor:
+    if logits is None:
+        logits = model(batch, training=False)
     if isinstance(logits, dict):
         logits, _ = _pack(logits)
     if isinstance(logits, (list, tuple)):
@@ -474,11 +523,15 @@ def accumulate_confusion(
     flip: bool = True,
     max_images: int | None = None,
     on_image: Callable[[int, str, Any, Any, Any], None] | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[np.ndarray | dict[str, np.ndarray], int]:
     """The evaluation loop: predicts each image and sums the confusion matrix.
 
     `evaluate` and the training loop's validation both run this loop (training
     then sums the workers' matrices). Auxiliary outputs ("aux_*") are dropped.
+    With a `strategy` of several local replicas (e.g. MirroredStrategy over GPUs),
+    "whole" mode predicts one image per replica at a time, all in one
+    `strategy.run`; the matrix is the same as one device's.
     A multi-task model (dict outputs keyed by task, e.g. SIFT Flow's "sem" and
     "geo") is scored against dict labels with one matrix per task; its tasks'
     logits are predicted together (one forward pass, windows and scales shared).
@@ -502,6 +555,9 @@ def accumulate_confusion(
             `on_image(images_done, name, image, label, prediction)`, with the
             image as given, label and prediction int [H, W] (dicts of them
             for a multi-task model).
+        strategy: Spreads "whole" mode over its local replicas (the model's
+            variables must have been made in its scope); other modes, or one
+            local replica, run image by image.
 
     Returns:
         (confusion int64 [C, C], rows = ground truth, or `{task: confusion}`;
@@ -517,20 +573,25 @@ def accumulate_confusion(
     if max_images is not None and max_images < 1:
         raise ValueError(f"`max_images` must be >= 1. Received: max_images={max_images}")
     classes_of_model = None
+    replicated = None
+    if mode == "whole" and local_replicas(strategy) > 1:
+        if not isinstance(model, keras.Model):
+            raise ValueError(
+                "`strategy` needs the Keras model itself, not a wrapper. "
+                f"Received: {type(model).__name__}"
+            )
+        replicated = _ReplicaForward(model, strategy)
     if isinstance(model, keras.Model):
         check_num_classes(model, num_classes)
         classes_of_model = _model_classes(model)
         model = traced(model)
     confusion: Any = None
     count = 0
-    for element in dataset:
-        if max_images is not None and count >= max_images:
-            break
-        image, label, name = _unpack(element)
-        class_scores = predict(
-            model, image, mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip
-        )
-        classes = _task_classes(_tasks_of(model), num_classes)
+    for element, class_scores in _predicted(
+        dataset, model, replicated, max_images, mode, crop_size, stride, scales, flip
+    ):
+        image, label, name = element
+        classes = _task_classes(_tasks_of(replicated or model), num_classes)
         if isinstance(classes, dict):
             parts = tf.split(class_scores, list(classes.values()), axis=-1)
             prediction = {
@@ -568,6 +629,40 @@ def accumulate_confusion(
     if confusion is None:  # no images: the classes given, or the model's
         confusion = _empty_confusion(num_classes if num_classes is not None else classes_of_model)
     return confusion, count
+
+
+def _predicted(
+    dataset: Any,
+    model: Any,
+    replicated: _ReplicaForward | None,
+    max_images: int | None,
+    mode: str,
+    crop_size: Any,
+    stride: Any,
+    scales: Sequence[float],
+    flip: bool,
+) -> Any:
+    """Yields ((image, label, name), class scores) for each element of `dataset`."""
+    group_size = replicated.size if replicated is not None else 1
+    group: list[tuple[Any, Any, str]] = []
+    count = 0
+
+    def scored(group: list[tuple[Any, Any, str]]) -> list[tf.Tensor]:
+        if replicated is not None:
+            return replicated([image for image, _, _ in group])
+        options = dict(crop_size=crop_size, stride=stride, scales=scales, flip=flip)
+        return [predict(model, image, mode, **options) for image, _, _ in group]
+
+    for element in dataset:
+        if max_images is not None and count >= max_images:
+            break
+        group.append(_unpack(element))
+        count += 1
+        if len(group) == group_size:
+            yield from zip(group, scored(group))
+            group = []
+    if group:
+        yield from zip(group, scored(group))
 
 
 def _empty_confusion(classes: int | Mapping[str, int] | None) -> np.ndarray | dict[str, np.ndarray]:

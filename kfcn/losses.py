@@ -285,13 +285,16 @@ def count_class_pixels(labels: Any, num_classes: int, ignore_label: int = 255) -
 
 
 def median_frequency_weights(
-    labels_or_counts: Any, num_classes: int, ignore_label: int = 255
+    labels_or_counts: Any, num_classes: int, ignore_label: int = 255, power: float = 1.0
 ) -> np.ndarray:
     """Median frequency balancing weights (Eigen & Fergus, ICCV 2015).
 
     freq(c) = (pixels of class c) / (total labelled pixels of the images where c is
-    present); weight(c) = median over present classes of freq / freq(c). Classes
-    that never occur get weight 0 and a logged warning.
+    present); weight(c) = (median over present classes of freq / freq(c)) ** power.
+    Classes that never occur get weight 0 and a logged warning. `power=0.5` (the
+    square root) halves the log-ratio between classes: rare classes still gain, but
+    are not over-predicted as with the full weights (on CamVid val, Pedestrian 86 %
+    accuracy but 17 % IU).
 
     Args:
         labels_or_counts: A `ClassCounts` (from `count_class_pixels`), or anything
@@ -299,10 +302,14 @@ def median_frequency_weights(
             iterable of label arrays).
         num_classes: Number of classes.
         ignore_label: Label value not counted.
+        power: Exponent applied to each weight; 1 is Eigen & Fergus's balancing,
+            0.5 its square root.
 
     Returns:
         float32 array [num_classes].
     """
+    if not power > 0:
+        raise ValueError(f"`power` must be positive. Received: power={power!r}")
     if isinstance(labels_or_counts, ClassCounts):
         counts = labels_or_counts
         if len(counts.class_pixels) != num_classes or len(counts.image_pixels) != num_classes:
@@ -325,5 +332,5 @@ def median_frequency_weights(
     freq = np.zeros(num_classes)
     freq[present] = class_pixels[present] / image_pixels[present]
     weights = np.zeros(num_classes)
-    weights[present] = np.median(freq[present]) / freq[present]
+    weights[present] = (np.median(freq[present]) / freq[present]) ** power
     return weights.astype(np.float32)

@@ -176,6 +176,15 @@ def test_median_frequency_weights_by_hand(caplog):
     np.testing.assert_array_equal(losses.median_frequency_weights(counts, 4, 255), weights)
 
 
+def test_sqrt_median_frequency_weights_by_hand():
+    # The same maps as above: weights (5/3, 1, 20/21, 0) before the square root.
+    labels = [np.array([[0, 0], [1, 255]]), np.array([[0, 2], [2, 2]]), np.array([[1, 1], [1, 1]])]
+    weights = losses.median_frequency_weights(labels, num_classes=4, power=0.5)
+    np.testing.assert_allclose(weights, [(5 / 3) ** 0.5, 1.0, (20 / 21) ** 0.5, 0.0], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"`power` must be positive. Received: power=0"):
+        losses.median_frequency_weights(labels, num_classes=4, power=0)
+
+
 def test_median_frequency_weights_from_tf_dataset_of_element_dicts():
     labels = np.array([[[0, 1], [1, 1]], [[0, 0], [0, 11]]], np.uint8)
     # freq(0) = (1 + 3) / (4 + 3) = 4/7, freq(1) = 3 / 4; median = (4/7 + 3/4) / 2

@@ -217,6 +217,73 @@ def test_mirrored_two_cpu_replicas_equal_one_device(tmp_path):
     assert single["losses"][0] != pytest.approx(single["losses"][-1], rel=1e-3)
 
 
+VALIDATION = textwrap.dedent(
+    """
+    import json
+    from kfcn.training.strategy import configure_cpu_replicas, create_strategy
+    configure_cpu_replicas(2)  # before any TensorFlow op
+    import keras, numpy as np, tensorflow as tf
+    from kfcn.training import loop
+
+    devices = []  # where each traced forward pass was placed
+
+    class Where(keras.layers.Layer):
+        def call(self, x):
+            y = tf.identity(x)
+            devices.append(y.device)
+            return y
+
+    strategy = create_strategy("mirrored", cpu_replicas=2)
+    with strategy.scope():
+        inputs = keras.Input((None, None, 3))
+        x = Where()(keras.layers.Rescaling(1 / 255.0)(inputs))
+        x = keras.layers.Conv2D(6, 3, padding="same", activation="relu",
+                                kernel_initializer=keras.initializers.GlorotUniform(1))(x)
+        model = keras.Model(inputs, keras.layers.Conv2D(
+            4, 1, bias_initializer=keras.initializers.RandomNormal(0, 0.5, seed=3),
+            kernel_initializer=keras.initializers.GlorotUniform(2))(x))
+    rng = np.random.default_rng(0)
+    # Five images of three sizes: the replicas get different shapes, the last pair is short.
+    sizes = [(8, 10), (12, 6), (8, 10), (7, 9), (12, 6)]
+    images = [rng.uniform(0, 255, (h, w, 3)).astype(np.float32) for h, w in sizes]
+    labels = [rng.integers(0, 4, (h, w)).astype(np.int32) for h, w in sizes]
+    labels[1][:3] = 255
+    # Independent: each image alone through the model, argmax, numpy confusion.
+    expected = np.zeros((4, 4), np.int64)
+    for image, label in zip(images, labels):
+        predicted = np.argmax(model(image[None], training=False).numpy()[0], -1)
+        keep = label != 255
+        np.add.at(expected, (label[keep], predicted[keep]), 1)
+    del devices[:]
+    seen = []
+    dataset = [(image[None], label[None], f"img{i}") for i, (image, label)
+               in enumerate(zip(images, labels))]
+    scores = loop.validate(model, dataset, num_classes=4, strategy=strategy,
+                           on_image=lambda n, name, *rest: seen.append(name))
+    print(json.dumps({"confusion": scores["confusion"], "expected": expected.tolist(),
+                      "num_images": scores["num_images"], "seen": seen,
+                      "devices": devices, "replica_devices": list(strategy.extended.worker_devices)}))
+    """
+)
+
+
+def test_validation_spreads_whole_images_over_two_local_replicas(tmp_path):
+    """validate() under MirroredStrategy runs on both devices and scores every image once."""
+    script = tmp_path / "validation.py"
+    script.write_text(VALIDATION)
+    out = subprocess.run(
+        [PYTHON, str(script)], capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["num_images"] == 5
+    assert result["seen"] == [f"img{i}" for i in range(5)]
+    assert result["confusion"] == result["expected"]
+    # Every traced forward pass ran on one of the two replica devices, and both were used.
+    assert set(result["devices"]) == set(result["replica_devices"])
+    assert len(result["replica_devices"]) == 2
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_from_the_checkpoint(tmp_path, camvid, driver):
     model_dir = str(tmp_path / "run")

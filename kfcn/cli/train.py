@@ -253,7 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("poly_power", "Exponent of poly.", type=float)
     flag(
         "class_weighting",
-        "Loss class weights; median_frequency from the training labels.",
+        "Loss class weights from the training labels: median_frequency (Eigen & Fergus) "
+        "or sqrt_median_frequency (their square roots, milder on rare classes).",
         choices=CLASS_WEIGHTINGS,
     )
     flag(

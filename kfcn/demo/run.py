@@ -65,7 +65,7 @@ class DemoSettings:
         bn_momentum: BatchNormalization momentum (short runs need a fast average).
         dropout: Dropout before the scoring layer.
         trainable_upsampling: Learn the bilinear-initialised upsampling layers.
-        class_weighting: "none" or "median_frequency".
+        class_weighting: "none", "median_frequency" or "sqrt_median_frequency".
         eval_images: Held-out images validated during training (training curves).
         evals_per_stage: Validations per stage (for the curves).
         figure_images: Rows of Figure 2.

@@ -17,7 +17,9 @@ from kfcn.training.schedules import SCHEDULES
 from kfcn.training.strategy import STRATEGIES
 
 OPTIMIZERS = ("sgd", "adam")
-CLASS_WEIGHTINGS = ("none", "median_frequency")
+CLASS_WEIGHTINGS = ("none", "median_frequency", "sqrt_median_frequency")
+# Exponent of the median-frequency weights for each weighting that uses them.
+CLASS_WEIGHT_POWERS = {"median_frequency": 1.0, "sqrt_median_frequency": 0.5}
 #: The dilated FCNs of mmsegmentation's model zoo, `kfcn.build_dilated_fcn`:
 #: variant -> (output_stride, head_dilation). FCN-D6 is R-x-D16 with a dilation-6 head.
 DILATED_VARIANTS = {"fcn_d8": (8, 1), "fcn_d16": (16, 1), "fcn_d6": (16, 6)}
@@ -85,7 +87,8 @@ class TrainConfig:
         momentum: SGD momentum.
         weight_decay: L2 on kernels added to the loss (Caffe's weight_decay).
         schedule: "poly" or "fixed".
-        class_weighting: "none" or "median_frequency".
+        class_weighting: "none", "median_frequency" (Eigen & Fergus) or
+            "sqrt_median_frequency" (their square roots: milder on rare classes).
         min_learning_rate: "poly" ends at this rate (mmseg's `eta_min` 1e-4).
         poly_power: Exponent of "poly" (0.9).
         aux_loss_weight: Loss weight of auxiliary outputs (mmseg 0.4; torchvision 0.5).

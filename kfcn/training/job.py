@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from kfcn.training.config import TrainConfig
+from kfcn.training.config import CLASS_WEIGHT_POWERS, TrainConfig
 from kfcn.training.run_dir import FitResult, RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -163,19 +163,23 @@ class Inputs:
         self.steps_per_epoch = max(1, math.ceil(self.num_examples / config.batch_size))
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.class_weights = None
-        if config.class_weighting == "median_frequency" and isinstance(self.info.num_classes, dict):
+        if config.class_weighting != "none" and isinstance(self.info.num_classes, dict):
             raise ValueError(
                 f"`class_weighting` needs one task; {config.dataset} has several "
-                f"({self.info.num_classes}). Received: class_weighting='median_frequency'"
+                f"({self.info.num_classes}). Received: class_weighting={config.class_weighting!r}"
             )
-        if config.class_weighting == "median_frequency":
+        if config.class_weighting != "none":
             from kfcn import losses
 
             self.class_weights = losses.median_frequency_weights(
-                train, self.info.num_classes, self.info.ignore_label
+                train,
+                self.info.num_classes,
+                self.info.ignore_label,
+                power=CLASS_WEIGHT_POWERS[config.class_weighting],
             )
             logger.info(
-                "Median-frequency class weights: %s",
+                "Class weights (%s): %s",
+                config.class_weighting,
                 ", ".join(
                     f"{n} {w:.3f}" for n, w in zip(self.info.class_names, self.class_weights)
                 ),

@@ -346,8 +346,9 @@ def validate(
     """Scores `model` on `dataset` (the local shard under multi-worker training).
 
     Runs `kfcn.evaluation.accumulate_confusion`, the evaluation loop of
-    `kfcn evaluate`, on whole images, then sums the workers' matrices (all
-    tasks' matrices in one all-reduce). Auxiliary outputs are not scored.
+    `kfcn evaluate`, on whole images (one image per local replica at a time),
+    then sums the workers' matrices (all tasks' matrices in one all-reduce).
+    Auxiliary outputs are not scored.
 
     Args:
         model: the segmentation model.
@@ -357,8 +358,9 @@ def validate(
         num_classes: number of classes, or `{task: classes}`; None takes them
             from the model's outputs.
         ignore_label: label value left out of the scores.
-        strategy: when given and multi-worker, the workers' confusion matrices
-            are summed, so every worker returns the scores of the whole set.
+        strategy: the training strategy. Its local replicas share the images of
+            "whole" mode; under multi-worker training the workers' confusion
+            matrices are summed, so every worker returns the scores of the whole set.
         heartbeat: called after every image (keeps the watchdog quiet).
         on_image: also called after every image, see `accumulate_confusion`.
         mode: "whole" images or "slide" windows of `crop_size` every `stride`.
@@ -385,6 +387,7 @@ def validate(
         crop_size=crop_size,
         stride=stride,
         on_image=after_image,
+        strategy=strategy,
     )
     matrices = confusion if isinstance(confusion, dict) else {"": confusion}
     if strategy is not None:
