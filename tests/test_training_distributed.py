@@ -262,7 +262,8 @@ VALIDATION = textwrap.dedent(
                            on_image=lambda n, name, *rest: seen.append(name))
     print(json.dumps({"confusion": scores["confusion"], "expected": expected.tolist(),
                       "num_images": scores["num_images"], "seen": seen,
-                      "devices": devices, "replica_devices": list(strategy.extended.worker_devices)}))
+                      "devices": devices,
+                      "replica_devices": list(strategy.extended.worker_devices)}))
     """
 )
 

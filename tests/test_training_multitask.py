@@ -181,7 +181,9 @@ def test_validation_sums_each_tasks_matrix_over_workers(monkeypatch):
 
     monkeypatch.setattr(loop, "worker_info", lambda strategy: Info())
     monkeypatch.setattr(loop, "_sum_over_workers", fake_sum)
-    summed = loop.validate(model, dataset, num_classes={"sem": 4, "geo": 3}, strategy=tf.distribute.get_strategy())
+    summed = loop.validate(
+        model, dataset, num_classes={"sem": 4, "geo": 3}, strategy=tf.distribute.get_strategy()
+    )
     assert sorted(summed) == ["geo", "num_images", "sem"]  # aux_sem is not scored
     assert summed["num_images"] == 2 + 5
     for task in ("sem", "geo"):
