@@ -10,7 +10,9 @@ Kinds:
   float32 or under Keras' `mixed_bfloat16` policy (then with the argmax agreement with
   the float32 model of the same weights).
 - "training": kfcn's own train step (`kfcn.training.loop.make_train_step`, what
-  `kfcn train` runs) on a synthetic batch, one_device or mirrored over CPU replicas.
+  `kfcn train` runs) on a synthetic batch, one_device or mirrored over CPU replicas;
+  `"batch_norm": "keras"` times it with Keras's own BatchNormalization instead of the
+  fused one kfcn's builders use (`kfcn.batch_norm`).
 - "pipeline": `kfcn.data.train_pipeline` on CamVid (skipped when the copy is absent).
 - "litert": the same model through LiteRT float32 / float16 / int8 and TensorFlow.
 """
@@ -157,6 +159,7 @@ def run_training(case: dict[str, Any]) -> list[dict[str, Any]]:
     import keras
     import tensorflow as tf
 
+    from kfcn.batch_norm import fuse_batch_norm
     from kfcn.training import loop
     from kfcn.training import strategy as strategy_lib
 
@@ -177,6 +180,12 @@ def run_training(case: dict[str, Any]) -> list[dict[str, Any]]:
         with strategy.scope():
             model = build_model(case["model"], (height, width, 3), num_classes)
             optimizer = keras.optimizers.SGD(1e-3, momentum=0.9)
+        # "keras": Keras's own BatchNormalization, which kfcn's builders replace.
+        fuse_batch_norm(model, fused=case.get("batch_norm", "fused") == "fused")
+        record["batch_norm_layers"] = sum(
+            isinstance(layer, keras.layers.BatchNormalization)
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+        )
         step = loop.make_train_step(
             strategy, model, optimizer, ignore_label=255, jit_compile=case.get("jit_compile", False)
         )

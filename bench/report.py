@@ -112,6 +112,12 @@ def inference_table(records: list[dict[str, Any]]) -> list[str]:
     return ["### Inference", ""] + _table(header, rows) if rows else []
 
 
+def _batch_norm(record: dict[str, Any]) -> str:
+    if not record.get("batch_norm_layers"):
+        return "-"
+    return f"{record['case'].get('batch_norm', 'fused')} ({record['batch_norm_layers']})"
+
+
 def training_table(records: list[dict[str, Any]]) -> list[str]:
     rows = []
     for r in _ok(records, "training"):
@@ -123,6 +129,7 @@ def training_table(records: list[dict[str, Any]]) -> list[str]:
                 str(c["batch"]),
                 c["precision"],
                 "xla" if c.get("jit_compile") else "tf.function",
+                _batch_norm(r),
                 str(r.get("replicas", 1)),
                 f"{r['images_per_s']:.2f}",
                 _ms(r),
@@ -138,6 +145,7 @@ def training_table(records: list[dict[str, Any]]) -> list[str]:
         "batch",
         "precision",
         "path",
+        "batch norm",
         "replicas",
         "images/s",
         "ms/step median (IQR)",
@@ -162,6 +170,7 @@ def pipeline_table(records: list[dict[str, Any]]) -> list[str]:
             and t.get("replicas", 1) == 1
             and t["case"]["precision"] == "float32"
             and not t["case"].get("jit_compile")
+            and t["case"].get("batch_norm", "fused") == "fused"
         ]
         ratio = f"{r['images_per_s'] / same[0]['images_per_s']:.1f}x" if same else "-"
         rows.append(

@@ -215,10 +215,12 @@ def plan(args: argparse.Namespace, bfloat16_units: bool) -> list[dict[str, Any]]
             size = args.quick_size if quick else size
             batch = min(batch, 2) if quick else batch
             # (precision, replicas, extra): float32, bfloat16, `kfcn train --jit_compile`
-            # (XLA over the whole step), and the last case on 2 replicas.
+            # (XLA over the whole step), Keras's batch norm, the last case on 2 replicas.
             variants = [("float32", 1, {})]
             variants += [("mixed_bfloat16", 1, {})] * bf16
             variants += [("float32", 1, {"jit_compile": True})] * args.train_xla
+            # Keras's own BatchNormalization, against the fused one (VGG has none).
+            variants += [("float32", 1, {"batch_norm": "keras"})] * ("vgg" not in model)
             variants += [("float32", 2, {})] * (i == len(train_cases) - 1 and batch % 2 == 0)
             for precision, replicas, extra in variants:
                 add(
@@ -290,6 +292,8 @@ def case_name(case: dict[str, Any]) -> str:
         parts.append(case["mode"])
     if case.get("jit_compile"):
         parts.append("xla")
+    if case.get("batch_norm", "fused") != "fused":
+        parts.append(f"{case['batch_norm']} batch norm")
     if case.get("precision", "float32") != "float32":
         parts.append(case["precision"])
     if case.get("replicas", 1) > 1:

@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         step = loop.make_train_step(strategy, model, optimizer, weight_decay=decay)
         dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
         iterator = iter(strategy.experimental_distribute_dataset(dataset))
-        rows.append(
-            (f"kfcn step, weight_decay {decay:g}", lambda s=step, i=iterator: s(i)[0], 3)
-        )
+        rows.append((f"kfcn step, weight_decay {decay:g}", lambda s=step, i=iterator: s(i)[0], 3))
     results = []
     for name, fn, multiple in rows:
         timing = common.time_calls(lambda f=fn: f().numpy(), args.repeats, 2)

@@ -38,6 +38,7 @@ _LAZY_ATTRS = {
 }
 _LAZY_MODULES = (
     "backbones",
+    "batch_norm",
     "bilinear",
     "data",
     "dilated_fcn",
@@ -64,6 +65,7 @@ __all__ = ["VARIANTS", *sorted(_LAZY_ATTRS), *_LAZY_MODULES]
 #: Modules whose import registers kfcn's Keras classes (`register_keras_serializable`).
 _REGISTERING_MODULES = (
     "kfcn.layers",
+    "kfcn.batch_norm",
     "kfcn.bilinear",
     "kfcn.losses",
     "kfcn.metrics",

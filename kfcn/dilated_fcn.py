@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import keras
 
 from kfcn import backbones, fcn, geometry
+from kfcn.batch_norm import fuse_batch_norm
 from kfcn.heads import fcn_head
 from kfcn.layers import Preprocess, ResizeLike
 
@@ -268,6 +269,9 @@ def build_dilated_fcn(
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = sync_batchnorm
+    # Same layers and weights; only the training pass changes (kfcn.batch_norm;
+    # synchronized layers keep Keras's cross-replica moments).
+    fuse_batch_norm(model)
     return model
 
 

@@ -37,6 +37,7 @@ import keras
 
 from kfcn import VARIANTS, backbones, geometry, surgery
 from kfcn import modality as modality_lib
+from kfcn.batch_norm import fuse_batch_norm
 from kfcn.bilinear import BilinearInitializer
 from kfcn.layers import AlignCrop, FullyConnectedConv2D, PadToMultiple, Preprocess, Scale
 from kfcn.modality import MODALITIES
@@ -544,6 +545,8 @@ def build_fcn(
     backbone_name = backbone if isinstance(backbone, str) else backbone.name
     suffix = "" if modality == "rgb" else "_" + modality.replace("+", "_")
     model = keras.Model(inputs, outputs, name=name or f"{variant}_{backbone_name}{suffix}")
+    # Same layers and weights; only the training pass changes (kfcn.batch_norm).
+    fuse_batch_norm(model)
     if init_from is not None:
         _initialise_from(init_from, model, modality)
     return model

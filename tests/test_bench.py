@@ -4,6 +4,7 @@ the machine); that the suite runs end to end and records what it claims is."""
 
 import json
 import os
+import re
 import sys
 
 import keras
@@ -138,9 +139,12 @@ def test_default_plan():
         ("fcn8s:mobilenetv2", "float32", 1),
         ("fcn8s:mobilenetv2", "mixed_bfloat16", 1),
         ("fcn8s:mobilenetv2", "float32", 1),
+        ("fcn8s:mobilenetv2", "float32", 1),
         ("fcn8s:mobilenetv2", "float32", 2),
     ]
-    assert [bool(c.get("jit_compile")) for c in training] == [0, 0, 1, 0, 0, 1, 0]
+    assert [bool(c.get("jit_compile")) for c in training] == [0, 0, 1, 0, 0, 1, 0, 0]
+    assert [c.get("batch_norm", "fused") for c in training].count("keras") == 1
+    assert training[6]["batch_norm"] == "keras"
     no_xla = suite.plan(suite.parser().parse_args(["--no-train_xla"]), True)
     assert not any(c.get("jit_compile") for c in no_xla)
     # The peer alternates with kfcn's same model, size and batch, in separate processes.
@@ -206,12 +210,14 @@ def test_toy_run_schema(toy_run):
     assert set(records) == {
         "inference FCN-8s mobilenetv2 32x32 b1 tf.function",
         "training FCN-8s mobilenetv2 32x32 b2",
+        "training FCN-8s mobilenetv2 32x32 b2 keras batch norm",
         "training FCN-8s mobilenetv2 32x32 b2 mirrored x2",
     }
     assert records["training FCN-8s mobilenetv2 32x32 b2 mirrored x2"]["status"] == "skipped"
     for name in (
         "inference FCN-8s mobilenetv2 32x32 b1 tf.function",
         "training FCN-8s mobilenetv2 32x32 b2",
+        "training FCN-8s mobilenetv2 32x32 b2 keras batch norm",
     ):
         r = records[name]
         assert r["status"] == "ok", r
@@ -236,6 +242,10 @@ def test_toy_run_schema(toy_run):
     )
     assert training["flops_per_step"] == 3 * 2 * training["flops_per_image"]
     assert training["strategy"] == "one_device" and training["replicas"] == 1
+    assert training["batch_norm_layers"] == 52  # MobileNetV2's, fused or Keras's
+    assert (
+        records["training FCN-8s mobilenetv2 32x32 b2 keras batch norm"]["batch_norm_layers"] == 52
+    )
     assert keras.config.dtype_policy().name == "float32"
 
 
@@ -244,20 +254,25 @@ def test_report_tables(toy_run):
     text = report.render(toy_run)
     assert "### Inference" in text and "### Training step" in text
     assert "| fcn8s:mobilenetv2 | 32x32 | 1 | tf.function | float32 |" in text
+    assert "| tf.function | keras (52) |" in text and "| tf.function | fused (52) |" in text
     assert "mirrored x2: skipped" in text
     assert "Machine: " in text and "float32 matmul 512^3" in text
 
 
 def test_readme_bench_commands_parse():
     with open(os.path.join(ROOT, "README.md")) as f:
-        lines = [
-            line.split(" #", 1)[0].split() for line in f if line.startswith("python -m bench.")
-        ]
+        text = f.read()
+    lines = [
+        line.split(" #", 1)[0].split()
+        for line in text.splitlines()
+        if line.startswith("python -m bench.")
+    ]
     suite_lines = [words[3:] for words in lines if words[2] == "bench.suite"]
     assert len(suite_lines) >= 3
     for argv in suite_lines:
         args = suite.parser().parse_args(argv)
         assert set(args.only) <= set(suite.GROUPS)
     # The full default plan is the README's case count.
-    assert len(suite.plan(suite.parser().parse_args([]), bfloat16_units=True)) == 97
+    (count,) = re.findall(r"# everything: (\d+) cases", text)
+    assert len(suite.plan(suite.parser().parse_args([]), bfloat16_units=True)) == int(count)
     assert any(words[2] == "bench.report" for words in lines)
