@@ -276,3 +276,43 @@ def test_readme_bench_commands_parse():
     (count,) = re.findall(r"# everything: (\d+) cases", text)
     assert len(suite.plan(suite.parser().parse_args([]), bfloat16_units=True)) == int(count)
     assert any(words[2] == "bench.report" for words in lines)
+
+
+@pytest.mark.slow
+def test_op_profile_reads_the_training_step_kernels(tmp_path):
+    import subprocess
+
+    out = tmp_path / "ops.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.op_profile",
+            "--model",
+            "fcn8s:mobilenetv2",
+            "--size",
+            "32x32",
+            "--batch",
+            "2",
+            "--mode",
+            "train",
+            "--precisions",
+            "float32",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    with open(out) as f:
+        (run,) = json.load(f)["runs"]
+    ops = run["op_s_per_call"]
+    # The step's convolutions and their gradients, and the builders' fused batch norm
+    # (kfcn.batch_norm), not Keras's moments.
+    assert any("Conv2DBackpropFilter" in name for name in ops), sorted(ops)
+    assert any(name.endswith("FusedBatchNormGradV3") for name in ops), sorted(ops)
+    assert "SquaredDifference" not in ops
+    assert all(seconds >= 0 for seconds in ops.values()) and run["wall_s_per_call"] > 0
