@@ -10,8 +10,8 @@ one pass forward and one backward (oneDNN's `_MklFusedBatchNormV3` on CPU,
 cuDNN's on GPU).
 
 `FusedBatchNormalization` is `keras.layers.BatchNormalization` with that
-kernel in training; inference, masks, renormalization, synchronized statistics
-and layouts the kernel cannot take (an axis other than the last of a 4-D
+kernel in training; inference, masks, renormalization, statistics synchronized
+over several replicas and layouts the kernel cannot take (an axis other than the last of a 4-D
 input, epsilon below the kernel's 1.001e-5) go through Keras's own code, so
 exports and every other path are unchanged. `fuse_batch_norm` switches the
 BatchNormalization layers of a built model (Keras Applications' included) to
@@ -32,6 +32,13 @@ _MIN_EPSILON = 1.001e-5
 _FUSED_DTYPES = ("float16", "bfloat16", "float32")
 
 
+def _one_replica() -> bool:
+    # Synchronized statistics over one replica are the replica's own (Keras's
+    # all-reduce is then the identity): the fused kernel computes them.
+    context = tf.distribute.get_replica_context()
+    return context is None or context.num_replicas_in_sync == 1
+
+
 @keras.saving.register_keras_serializable(package="kfcn")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization`, trained with the fused kernel.
@@ -41,7 +48,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     are updated as `moving = moving * momentum + batch * (1 - momentum)` with
     that biased variance (the kernel's Bessel-corrected variance is scaled
     back). Only `training=True` on a trainable layer with a 4-D channels-last
-    input and no mask takes the fused kernel.
+    input and no mask takes the fused kernel, and a `synchronized` layer only
+    when one replica is in sync (its statistics are then its own).
     """
 
     def _fusable(self, inputs, training, mask) -> bool:
@@ -51,7 +59,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             and self.trainable
             and mask is None
             and not self.renorm
-            and not self.synchronized
+            and (not self.synchronized or _one_replica())
             and len(inputs.shape) == 4
             and axis == 3
             and self.epsilon >= _MIN_EPSILON

@@ -79,6 +79,22 @@ def test_training_runs_the_fused_kernel_and_inference_does_not():
     assert "FusedBatchNormV3" not in _graph_ops(fused, x, training=False)
 
 
+def test_synchronized_layer_is_fused_on_one_replica():
+    x = tf.zeros((2, 4, 4, 3))
+    keras_layer, fused = _pair(x.shape, synchronized=True)
+    assert "FusedBatchNormV3" in _graph_ops(fused, x, training=True)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    images = np.random.default_rng(6).normal(size=x.shape).astype("float32")
+    outputs = [
+        strategy.run(tf.function(lambda t, layer=layer: layer(t, training=True)), (images,))
+        for layer in (keras_layer, fused)
+    ]
+    np.testing.assert_allclose(outputs[1].numpy(), outputs[0].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        fused.moving_variance.numpy(), keras_layer.moving_variance.numpy(), rtol=1e-5
+    )
+
+
 @pytest.mark.parametrize(
     "shape, kwargs",
     [
