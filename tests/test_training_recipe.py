@@ -42,7 +42,7 @@ def test_train_camvid_recipe_mirrored_mixed_precision(tmp_path):
     out = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 replica(s) (mirrored), dtype policy mixed_bfloat16" in out.stderr
-    assert "Median-frequency class weights" in out.stderr
+    assert "Class weights (median_frequency): Sky " in out.stderr
 
     result = json.load(open(model_dir / "result.json"))
     run = result["run"]
