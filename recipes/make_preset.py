@@ -1,10 +1,11 @@
 """Packs a finished `kfcn train` run as a shipped preset (`kfcn.presets`).
 
 Scores the run's model on the validation split as it will ship (weights rounded
-to the preset's float16 storage), once on whole images and once with test-time
-flip, measures the argmax agreement of the stored weights with the float32 model
-on every validation pixel, and writes `kfcn/preset_files/<name>/` with the model
-card: the training command, data, steps, wall clock, machine and these scores.
+to the preset's float16 storage), on whole images, with test-time flip and with
+several scales and flip (`--msflip_scales`), measures the argmax agreement of the
+stored weights with the float32 model on every validation pixel, and writes
+`kfcn/preset_files/<name>/` with the model card: the training command, data,
+steps, wall clock, machine and these scores.
 
     python recipes/make_preset.py --run_dir /work/runs/camvid_mnv2_60 \
         --name camvid_fcn8s_mobilenetv2 --data_dir ../shared/data/camvid \
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--use_best", action="store_true", help="Ship best.weights.h5.")
     parser.add_argument("--train_command", required=True, help="The command that trained it.")
     parser.add_argument("--wall_clock_minutes", type=float, required=True)
+    parser.add_argument(
+        "--msflip_scales",
+        default="0.75,1.0,1.25,1.5,1.75",
+        help="Scales of the card's multi-scale + flip figure (kfcn evaluate --mode msflip).",
+    )
     parser.add_argument("--description", default="")
     parser.add_argument("--architecture", default="")
     parser.add_argument(
@@ -90,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 
     whole = evaluation.evaluate(model, dataset, info, mode="whole", on_image=compare)
     flip = evaluation.evaluate(model, dataset, info, mode="msflip", scales=(1.0,), flip=True)
+    scales = tuple(float(s) for s in args.msflip_scales.split(","))
+    msflip = evaluation.evaluate(model, dataset, info, mode="msflip", scales=scales, flip=True)
     print(f"float16 storage argmax agreement {agree / total:.6f} over {total} pixels")
-    print(f"whole mean IU {whole['mean_iou']:.4f}; flip {flip['mean_iou']:.4f}")
+    print(
+        f"whole mean IU {whole['mean_iou']:.4f}; flip {flip['mean_iou']:.4f}; "
+        f"msflip {args.msflip_scales} {msflip['mean_iou']:.4f}"
+    )
 
     card = {
         "name": args.name,
@@ -120,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             f"--data_dir DATA --split {args.split}",
             "whole": _scores(whole),
             "flip": _scores(flip),
+            "msflip": {
+                "command": f"kfcn evaluate --model {args.name} --dataset {args.dataset} "
+                f"--data_dir DATA --split {args.split} --mode msflip --scales "
+                f"{args.msflip_scales}",
+                **_scores(msflip),
+            },
             "mean_iou": round(float(whole["mean_iou"]), 6),
         },
         "weights": {

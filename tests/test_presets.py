@@ -244,3 +244,23 @@ def test_shipped_preset_scores_its_card_on_real_camvid_val():
     for name, value in card["validation"]["whole"]["iou"].items():
         assert results["iou"][name] == pytest.approx(value, abs=2e-3), name
     print(json.dumps({"mean_iou": results["mean_iou"]}))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(REAL_CAMVID, "val.txt")),
+    reason="the real CamVid copy (../shared/data/camvid) is absent",
+)
+def test_shipped_preset_scores_its_multiscale_card_figure_on_real_camvid_val():
+    import kfcn
+    from kfcn import evaluation
+    from kfcn.data import load_dataset
+
+    card = _shipped_card()["validation"]["msflip"]
+    scales = tuple(float(s) for s in card["command"].split("--scales ")[1].split(","))
+    dataset, info = load_dataset("camvid", "val", data_dir=REAL_CAMVID)
+    model = kfcn.from_preset(SHIPPED)
+    results = evaluation.evaluate(model, dataset, info, mode="msflip", scales=scales, flip=True)
+    assert results["mean_iou"] == pytest.approx(card["mean_iou"], abs=5e-4)
+    for name, value in card["iou"].items():
+        assert results["iou"][name] == pytest.approx(value, abs=2e-3), name

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from kfcn import files
-from kfcn.training import TrainConfig, checkpoints, job, loop, run_dir, schedules
+from kfcn.training import TrainConfig, averaging, checkpoints, job, loop, run_dir, schedules
 
 # --------------------------------------------------------------------------------------
 # Helpers
@@ -93,6 +93,7 @@ def test_fixed_schedule_and_errors():
         ({"crop_size": (12, 0)}, "crop_size"),
         ({"batch_size": 0}, "batch_size"),
         ({"learning_rate": 0.0}, "learning_rate"),
+        ({"ema_momentum": 1.0}, "ema_momentum"),
         ({"class_weighting": "inverse"}, "class_weighting"),
         ({"scale_range": (2.0, 1.0)}, "scale_range"),
         ({"num_classes": 3}, "num_classes"),  # not a camvid setting
@@ -356,7 +357,14 @@ def test_evaluate_matches_numpy_scores():
 
 
 def _train(
-    model_dir, total_steps, *, poison_from=None, lr=0.05, checkpoint_every=2, log_every=1
+    model_dir,
+    total_steps,
+    *,
+    poison_from=None,
+    lr=0.05,
+    checkpoint_every=2,
+    log_every=1,
+    ema_momentum=0.0,
 ):
     images, labels = synthetic_batches(16, 8)
     if poison_from is not None:
@@ -390,6 +398,7 @@ def _train(
             eval_every=4,
             log_every=log_every,
             weight_decay=1e-4,
+            ema_momentum=ema_momentum,
         ),
         model_dir=str(model_dir),
         num_classes=3,
@@ -472,6 +481,74 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert result.start_step == 4
     for a, b in zip(straight.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_average_is_the_warmed_up_exponential_average_of_the_weights(tmp_path):
+    """The loop validates, keeps and returns a_t = d_t a_(t-1) + (1 - d_t) w_t from a_0 = w_0,
+    d_t = min(m, t / (t + 9)) (tf.train.ExponentialMovingAverage with num_updates)."""
+    m, total = 0.3, 3  # d_1 = 0.1, d_2 = 2/11, d_3 = 0.25: then m = 0.3 is not yet reached
+    # w_0 and the trained weights w_1..w_3 of the same run without averaging (averaging
+    # must not change training): tiny_model's seeded initialisation and each step's
+    # checkpoint (the last 3 are kept).
+    _train(tmp_path / "plain", total, checkpoint_every=1)
+    trajectory = [[w.numpy() for w in tiny_model().trainable_weights]]
+    for step in range(1, total + 1):
+        restored = tiny_model(seed=7)
+        tf.train.Checkpoint(model=restored).restore(
+            str(tmp_path / "plain" / "checkpoints" / f"ckpt-{step}")
+        ).expect_partial()
+        trajectory.append([w.numpy() for w in restored.trainable_weights])
+    averages = [trajectory[0]]
+    for step in range(1, total + 1):
+        d = min(m, step / (step + 9))
+        averages.append([d * a + (1 - d) * w for a, w in zip(averages[-1], trajectory[step])])
+
+    result, model, _ = _train(tmp_path / "ema", total, checkpoint_every=1, ema_momentum=m)
+    for got, want in zip(model.trainable_weights, averages[-1]):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    # The checkpoint holds the trained weights (so resuming continues training them).
+    trained = tiny_model(seed=7)
+    tf.train.Checkpoint(model=trained).restore(result.checkpoint).expect_partial()
+    for got, want in zip(trained.trainable_weights, trajectory[-1]):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(trajectory[-1][0], averages[-1][0], atol=1e-4)  # they differ
+    # Validation (at the last step) saw the average: best.weights.h5 holds it.
+    kept = tiny_model(seed=7)
+    kept.load_weights(str(tmp_path / "ema" / "best.weights.h5"))
+    for got, want in zip(kept.trainable_weights, averages[-1]):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_average_survives_a_resume(tmp_path):
+    """Stopped at step 4 and resumed, the average equals the uninterrupted run's."""
+    _, straight, _ = _train(tmp_path / "straight", 8, checkpoint_every=4, ema_momentum=0.7)
+    _train(tmp_path / "interrupted", 8, checkpoint_every=4, ema_momentum=0.7)
+    os.remove(tmp_path / "interrupted" / "checkpoints" / "ckpt-8.index")
+    state = tmp_path / "interrupted" / "checkpoints" / "checkpoint"
+    state.write_text('model_checkpoint_path: "ckpt-4"\nall_model_checkpoint_paths: "ckpt-4"\n')
+    result, resumed, _ = _train(tmp_path / "interrupted", 8, checkpoint_every=4, ema_momentum=0.7)
+    assert result.start_step == 4
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_average_swaps_in_and_back_and_checks_its_momentum():
+    model = tiny_model()
+    average = averaging.WeightAverage(model, 0.5)
+    trained = [w.numpy() for w in model.trainable_weights]
+    for variable in average.averages:
+        variable.assign(np.full(variable.shape, 3.0, np.float32))
+    with pytest.raises(RuntimeError, match="inside"):
+        with average.swapped_in():
+            for w in model.trainable_weights:
+                np.testing.assert_array_equal(w.numpy(), 3.0)
+            raise RuntimeError("inside")
+    for w, want in zip(model.trainable_weights, trained):
+        np.testing.assert_array_equal(w.numpy(), want)
+    # Only the averages are its own variables: the model's are checkpointed with the model.
+    assert len(average.variables) == len(model.trainable_weights) + 1  # and the update count
+    with pytest.raises(ValueError, match=r"`momentum` must be in \(0, 1\). Received: momentum=1"):
+        averaging.WeightAverage(model, 1)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -245,6 +245,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("momentum", "SGD momentum.", type=float)
     flag("weight_decay", "L2 on kernels added to the loss (Caffe's weight_decay).", type=float)
     flag(
+        "ema_momentum",
+        "Exponential moving average of the weights with this momentum, e.g. 0.998: "
+        "validation, best.weights.h5 and model.keras use the average (0: off).",
+        type=float,
+    )
+    flag(
         "schedule",
         "poly: lr*(1-step/steps)^0.9; fixed: the paper's constant rate.",
         choices=SCHEDULES,

@@ -86,6 +86,10 @@ class TrainConfig:
         learning_rate: Initial learning rate.
         momentum: SGD momentum.
         weight_decay: L2 on kernels added to the loss (Caffe's weight_decay).
+        ema_momentum: Keep an exponential moving average of the trainable weights
+            (Polyak averaging, with TensorFlow's warm-up; `kfcn.training.averaging`)
+            with this momentum, e.g. 0.998; validation, `best.weights.h5` and
+            `model.keras` use the average. 0 disables.
         schedule: "poly" or "fixed".
         class_weighting: "none", "median_frequency" (Eigen & Fergus) or
             "sqrt_median_frequency" (their square roots: milder on rare classes).
@@ -160,6 +164,7 @@ class TrainConfig:
     learning_rate: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    ema_momentum: float = 0.0
     schedule: str = "poly"
     class_weighting: str = "none"
     min_learning_rate: float = 0.0
@@ -293,6 +298,8 @@ class TrainConfig:
             fail("dropout", "must be in [0, 1)")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
             fail("bn_momentum", "must be in [0, 1)")
+        if not 0 <= self.ema_momentum < 1:
+            fail("ema_momentum", "must be in [0, 1) (0 disables the average)")
         if len(self.crop_size) != 2 or min(self.crop_size) < 1:
             fail("crop_size", "must be (height, width), positive")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:

@@ -272,6 +272,7 @@ class Inputs:
             val_crop_size=config.val_crop_size,
             val_stride=config.val_stride,
             jit_compile=config.jit_compile,
+            ema_momentum=config.ema_momentum,
         )
 
     def facts(self, strategy: Any, num_workers: int) -> dict[str, Any]:

@@ -14,6 +14,11 @@ biases and normalization parameters excluded, FCN's prototxts set
 `decay_mult: 0` on biases): the loop adds `0.5 * weight_decay * sum(kernel**2)`
 to the loss, so the gradient gains `weight_decay * kernel`. It is not the
 optimizer's decoupled `weight_decay` argument.
+
+Weight averaging (`LoopConfig.ema_momentum`, `kfcn.training.averaging`):
+validation, `best.weights.h5` and the returned model hold the average of the
+trainable weights; checkpoints keep both, so a resumed run continues the same
+average.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tensorflow.core.framework import summary_pb2
 
 from kfcn import evaluation, files, metrics
 from kfcn.training import outputs as outputs_lib
+from kfcn.training.averaging import WeightAverage
 from kfcn.training.checkpoints import TrainingCheckpoint
 from kfcn.training.strategy import WorkerInfo, worker_info
 
@@ -85,6 +91,9 @@ class LoopConfig:
         val_crop_size: window of "slide".
         val_stride: stride of "slide" (default 2/3 of the window).
         jit_compile: compile the train step with XLA (see `make_train_step`).
+        ema_momentum: keep an exponential moving average of the trainable weights
+            with this momentum (`kfcn.training.averaging`; 0 disables): validation,
+            `best.weights.h5` and the returned model use it.
     """
 
     total_steps: int
@@ -103,6 +112,7 @@ class LoopConfig:
     val_crop_size: tuple[int, int] | None = None
     val_stride: tuple[int, int] | None = None
     jit_compile: bool = False
+    ema_momentum: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -119,6 +129,10 @@ class LoopConfig:
         if self.weight_decay < 0:
             raise ValueError(
                 f"`weight_decay` must be >= 0. Received: weight_decay={self.weight_decay}"
+            )
+        if not 0 <= self.ema_momentum < 1:
+            raise ValueError(
+                f"`ema_momentum` must be in [0, 1). Received: ema_momentum={self.ema_momentum}"
             )
 
 
@@ -180,6 +194,7 @@ def make_train_step(
     task_loss_weights: dict[str, float] | None = None,
     loss_reduction: str = "mean",
     jit_compile: bool = False,
+    weight_average: WeightAverage | None = None,
 ) -> Callable[[Any], tuple[Any, ...]]:
     """Builds the distributed train step.
 
@@ -300,6 +315,8 @@ def make_train_step(
     def train_step(iterator: Any) -> tuple[Any, ...]:
         images, labels = next(iterator)
         data_loss, l2, grad_norm, output_losses = strategy.run(replica_step, args=(images, labels))
+        if weight_average is not None:
+            weight_average.update()
 
         def total(value: Any) -> tf.Tensor:
             return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
@@ -606,7 +623,8 @@ def train(
         num_overlays: see `overlay_fn`.
 
     Returns:
-        A `TrainResult`.
+        A `TrainResult`. With `config.ema_momentum`, `model` then holds the
+        weight average.
 
     Raises:
         NonFiniteLossError: when the loss, the L2 term or the gradient norm
@@ -616,13 +634,14 @@ def train(
     info = worker_info(strategy)
     _build_optimizer(strategy, model, optimizer)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    trackables: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": step_var}
+    average = None
+    if config.ema_momentum:
+        with strategy.scope():
+            average = WeightAverage(model, config.ema_momentum)
+        trackables["weight_average"] = average
     checkpoint = TrainingCheckpoint(
-        model_dir,
-        is_chief=info.is_chief,
-        task_id=info.worker_index,
-        model=model,
-        optimizer=optimizer,
-        step=step_var,
+        model_dir, is_chief=info.is_chief, task_id=info.worker_index, **trackables
     )
     restored = checkpoint.restore()
     start_step = int(step_var.numpy())
@@ -657,6 +676,7 @@ def train(
         task_loss_weights=config.task_loss_weights,
         loss_reduction=config.loss_reduction,
         jit_compile=config.jit_compile,
+        weight_average=average,
     )
     best = BestModel(model_dir, config.selection_metric, info.is_chief)
     distributed = strategy.distribute_datasets_from_function(
@@ -678,6 +698,10 @@ def train(
     last_saved = checkpoint.latest
 
     def run_eval() -> dict[str, Any]:
+        with average.swapped_in() if average else contextlib.nullcontext():
+            return evaluate_and_record()
+
+    def evaluate_and_record() -> dict[str, Any]:
         overlays: list[tuple[str, np.ndarray]] = []
 
         def keep_overlay(index: int, name: str, image: Any, label: Any, prediction: Any) -> None:
@@ -819,6 +843,10 @@ def train(
             # Already complete: score the restored model so the caller gets scores.
             last_scores = run_eval()
 
+    if average is not None:
+        # The caller saves the model: give it the average (the checkpoints on disk
+        # keep the trained weights beside it).
+        average.assign_to_model()
     if measured_steps:
         images_per_second = measured_steps * config.global_batch_size / measured_time
     elif first_time:
