@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{cpu_model()}, {os.cpu_count()} cores, no GPU",
             "tensorflow": __import__("tensorflow").__version__,
             "keras": __import__("keras").__version__,
-            "date": datetime.date.today().isoformat(),
+            # The day the run finished (its result.json), not the day it was packed.
+            "date": datetime.date.fromtimestamp(
+                os.path.getmtime(os.path.join(args.run_dir, "result.json"))
+            ).isoformat(),
         },
         "validation": {
             "data": f"{args.dataset} {args.split} split ({whole['num_images']} images, "

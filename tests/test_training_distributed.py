@@ -79,6 +79,7 @@ EQUIVALENCE = textwrap.dedent(
     configure_cpu_replicas(2)  # before any TensorFlow op
     import keras, numpy as np, tensorflow as tf
     from kfcn.training import loop
+    from kfcn.training.averaging import WeightAverage
 
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (12, 6, 6, 3)).astype(np.float32)
@@ -99,16 +100,29 @@ EQUIVALENCE = textwrap.dedent(
 
     def run(strategy):
         model, optimizer = model_and_optimizer(strategy)
+        with strategy.scope():
+            average = WeightAverage(model, 0.2)
         step = loop.make_train_step(strategy, model, optimizer, weight_decay=0.01,
-                                    class_weights=[1.0, 2.0, 0.5])
+                                    class_weights=[1.0, 2.0, 0.5], weight_average=average)
         data = strategy.distribute_datasets_from_function(
             lambda ctx: tf.data.Dataset.from_tensor_slices((images, labels)).batch(
                 ctx.get_per_replica_batch_size(4), drop_remainder=True))
         iterator = iter(data)
-        losses = [float(step(iterator)[0]) for _ in range(3)]
+        # Independent: the average in numpy from the weights after each step (the
+        # model has no non-trainable weights), d_t = min(0.2, t / (t + 9)).
+        expected = model.get_weights()
+        losses = []
+        for t in range(1, 4):
+            losses.append(float(step(iterator)[0]))
+            d = min(0.2, t / (t + 9))
+            expected = [d * a + (1 - d) * w for a, w in zip(expected, model.get_weights())]
+        with average.swapped_in():
+            averaged = model.get_weights()
         return {"replicas": strategy.num_replicas_in_sync, "losses": losses,
                 "devices": list(strategy.extended.worker_devices),
-                "weights": [w.tolist() for w in model.get_weights()]}
+                "weights": [w.tolist() for w in model.get_weights()],
+                "averaged": [w.tolist() for w in averaged],
+                "expected_average": [w.tolist() for w in expected]}
 
     print(json.dumps({"mirrored": run(create_strategy("mirrored", cpu_replicas=2)),
                       "one_device": run(create_strategy("one_device"))}))
@@ -199,7 +213,8 @@ def _resumed_step(log):
 
 @pytest.mark.slow
 def test_mirrored_two_cpu_replicas_equal_one_device(tmp_path):
-    """A real 2-replica all-reduce gives one device's result on the same global batch."""
+    """A real 2-replica all-reduce gives one device's result on the same global batch,
+    and the weight average (updated on each replica's copy) follows its formula."""
     script = tmp_path / "equivalence.py"
     script.write_text(EQUIVALENCE)
     out = subprocess.run(
@@ -213,6 +228,9 @@ def test_mirrored_two_cpu_replicas_equal_one_device(tmp_path):
     np.testing.assert_allclose(mirrored["losses"], single["losses"], rtol=1e-5)
     for a, b in zip(mirrored["weights"], single["weights"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for run in (mirrored, single):
+        for a, b in zip(run["averaged"], run["expected_average"]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # The weights moved: the comparison is not between two untouched initializations.
     assert single["losses"][0] != pytest.approx(single["losses"][-1], rel=1e-3)
 
