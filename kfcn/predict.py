@@ -462,23 +462,59 @@ def check_tile(predictor: Predictor, tile: tuple[int, int] | None) -> None:
             )
 
 
+def _test_time_scales(scales: Sequence[float] | None, flip: bool) -> tuple[float, ...] | None:
+    """The scales to predict at: `scales`, (1.0,) for a mirrored pass alone, or None."""
+    if scales is None:
+        return (1.0,) if flip else None
+    return tuple(float(s) for s in scales)
+
+
+def check_scales(predictor: Predictor, scales: Sequence[float] | None) -> None:
+    """Raises ValueError unless test-time `scales` can run on the predictor (Keras only)."""
+    if scales is None:
+        return
+    if not scales or not all(float(s) > 0 for s in scales):
+        raise ValueError(f"--scales must be positive numbers. Received: --scales={scales!r}")
+    if not isinstance(predictor, KerasPredictor):
+        raise ValueError(
+            f"--scales/--flip (test-time scales and mirroring) need a .keras model or a "
+            f"preset; --model {predictor.path!r} is a {predictor.kind} file"
+        )
+
+
 def image_scores(
     predictor: Predictor,
     image: np.ndarray,
     tile: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
     batch_size: int = 4,
+    scales: Sequence[float] | None = None,
+    flip: bool = False,
 ) -> np.ndarray:
-    """Class scores [H, W, C] of one image: whole, or in tiles.
+    """Class scores [H, W, C] of one image: whole, in tiles, or at several scales.
 
     A TFLite file always runs at its input size: an image of another size is
-    tiled with windows of that size (`tile`, if given, must equal it).
+    tiled with windows of that size (`tile`, if given, must equal it). With
+    `scales` (a Keras model only) the image is predicted at each scale, and
+    mirrored with `flip`, as `kfcn.evaluation.predict_msflip` does (each in tiles
+    with `tile`); the averaged probabilities come back as their logarithms, so
+    the scores stay logits (softmax gives the averaged probabilities back).
 
     Raises:
-        ValueError: If `tile` differs from a TFLite file's input size.
+        ValueError: If `tile` differs from a TFLite file's input size, or `scales`
+            are given for a model that is not a Keras model.
     """
     image = np.asarray(image, np.float32)
+    scales = _test_time_scales(scales, flip)
     check_tile(predictor, tile)
+    check_scales(predictor, scales)
+    if scales is not None:
+        from kfcn.evaluation import predict_msflip
+
+        probabilities = np.asarray(
+            predict_msflip(predictor.forward, image, scales, flip, crop_size=tile, stride=stride)
+        )
+        return np.log(np.maximum(probabilities, np.finfo(np.float32).tiny))
     if predictor.input_size is not None:
         if image.shape[:2] == predictor.input_size:
             return predictor.scores(image[None])[0]
@@ -525,23 +561,27 @@ def iter_predictions(
     batch_size: int = 4,
     tile: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
+    scales: Sequence[float] | None = None,
+    flip: bool = False,
 ) -> Iterator[Prediction]:
     """Predicts every image, batching images of one size together.
 
     Images are grouped by size (read from their headers) and sent `batch_size` at
     a time; with `tile` (or a TFLite file at another size) one at a time, the
-    windows batched. An image that cannot be read yields a `Prediction` with
-    `error` set and does not stop the rest. Order: by size group, then input order.
+    windows batched; with `scales` one at a time (see `image_scores`). An image
+    that cannot be read yields a `Prediction` with `error` set and does not stop
+    the rest. Order: by size group, then input order.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
+    scales = _test_time_scales(scales, flip)
     groups: dict[Any, list[InputImage]] = {}
     for item in images:
         groups.setdefault(_image_size(item.path), []).append(item)
     limit = batch_size if predictor.max_batch is None else min(batch_size, predictor.max_batch)
     for size, members in groups.items():
         fits = predictor.input_size is None or size == predictor.input_size
-        whole = size is not None and tile is None and fits
+        whole = size is not None and tile is None and fits and scales is None
         step = limit if whole else 1
         for first in range(0, len(members), step):
             chunk = members[first : first + step]
@@ -553,14 +593,18 @@ def iter_predictions(
                     yield Prediction(item, error=str(error))
                     continue
                 if array.shape[:2] != size:  # header and pixels disagree: predict alone
-                    yield _predict_one(predictor, item, array, tile, stride, batch_size)
+                    yield _predict_one(
+                        predictor, item, array, tile, stride, batch_size, scales, flip
+                    )
                     continue
                 loaded.append((item, array))
             if not loaded:
                 continue
             if not whole:
                 for item, array in loaded:
-                    yield _predict_one(predictor, item, array, tile, stride, batch_size)
+                    yield _predict_one(
+                        predictor, item, array, tile, stride, batch_size, scales, flip
+                    )
                 continue
             batch = np.stack([array for _, array in loaded]).astype(np.float32)
             try:
@@ -579,9 +623,9 @@ def _failure(path: str, error: BaseException) -> str:
     return f"{path}: prediction failed: {text}{hint}"
 
 
-def _predict_one(predictor, item, array, tile, stride, batch_size) -> Prediction:
+def _predict_one(predictor, item, array, tile, stride, batch_size, scales, flip) -> Prediction:
     try:
-        scores = image_scores(predictor, array, tile, stride, batch_size)
+        scores = image_scores(predictor, array, tile, stride, batch_size, scales, flip)
     except Exception as error:  # noqa: BLE001 - e.g. out of memory: report per image
         return Prediction(item, error=_failure(item.path, error))
     return Prediction(item, image=array, scores=scores)
@@ -678,6 +722,8 @@ def predict_to_directory(
     batch_size: int = 4,
     tile: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
+    scales: Sequence[float] | None = None,
+    flip: bool = False,
     probabilities: bool = False,
     palette_name: str | None = None,
     alpha: float = 0.5,
@@ -699,6 +745,9 @@ def predict_to_directory(
         batch_size: Images (of one size) per forward pass; windows per pass with tiles.
         tile: Sliding-window size (height, width), for images too large for memory.
         stride: Window step; default 2/3 of the tile.
+        scales: Test-time resize factors (a Keras model only), e.g. (0.75, 1.0, 1.25):
+            probabilities averaged over them (see `image_scores`).
+        flip: With `scales`, also predict each image mirrored.
         probabilities: Also write `NAME_probs.npy`.
         palette_name: Colours to use instead of the model's (see `resolve_class_info`).
         alpha: Weight of the class colours in the overlay.
@@ -714,7 +763,8 @@ def predict_to_directory(
     Raises:
         InputError: For INPUT arguments that match nothing.
         ModelError: For a model that is not a kfcn model, or has > 256 classes.
-        ValueError: For a `tile` that a TFLite file cannot take.
+        ValueError: For a `tile` that a TFLite file cannot take, or `scales` for a
+            model that is not a Keras model.
     """
     output_dir = os.path.abspath(os.fspath(output_dir))
     if all(isinstance(item, InputImage) for item in inputs):
@@ -728,6 +778,8 @@ def predict_to_directory(
             f"class maps hold at most {MAX_CLASSES}"
         )
     check_tile(predictor, tile)
+    scales = _test_time_scales(scales, flip)
+    check_scales(predictor, scales)
     if probabilities and predictor.scores_are == "one_hot":
         raise ModelError(
             f"--probabilities: the SavedModel {predictor.path!r} was exported without probabilities"
@@ -737,7 +789,7 @@ def predict_to_directory(
     os.makedirs(output_dir, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     failed: list[dict[str, str]] = []
-    for prediction in iter_predictions(predictor, images, batch_size, tile, stride):
+    for prediction in iter_predictions(predictor, images, batch_size, tile, stride, scales, flip):
         item = prediction.item
         if prediction.error is not None:
             failed.append({"input": item.path, "error": prediction.error})
@@ -763,6 +815,8 @@ def predict_to_directory(
         "palette": info.palette,
         "class_info_source": source,
         "tile": list(tile) if tile else None,
+        "scales": list(scales) if scales else None,
+        "flip": bool(flip),
         "images": dict(sorted(results.items(), key=lambda kv: order[kv[0]])),
         "failed": failed,
     }

@@ -290,6 +290,60 @@ def test_same_names_from_two_folders_are_both_kept(tmp_path):
     assert [i.name for i in found] == ["x", "x_2", "sub/y"]  # x.jpg, x.png, sub/y.png
 
 
+def _multiscale_flip_reference(model, image, scales):
+    """Independent of kfcn: bilinear resizes, softmax, mirror, mean (mmseg's aug_test)."""
+    import tensorflow as tf
+
+    height, width = image.shape[:2]
+    batch = image[None].astype(np.float32)
+    total = np.zeros((height, width, NUM_CLASSES))
+    for scale in scales:
+        size = (round(height * scale), round(width * scale))
+        resized = tf.image.resize(batch, size, "bilinear").numpy()
+        for mirrored in (False, True):
+            view = resized[:, :, ::-1] if mirrored else resized
+            logits = np.asarray(model(view, training=False), np.float64)[0]
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            if mirrored:
+                probs = probs[:, ::-1]
+            total += tf.image.resize(probs[None], (height, width), "bilinear").numpy()[0]
+    return total / (2 * len(scales))
+
+
+def test_test_time_scales_and_flip_average_the_probabilities(setup, tmp_path):
+    """--scales --flip: class maps and probabilities against an independent computation."""
+    out = tmp_path / "out"
+    images = [setup["images"] / "odd_png.png", setup["images"] / "more" / "same_size.png"]
+    result = run_kfcn(
+        "--model",
+        setup["paths"]["keras"],
+        "--output_dir",
+        out,
+        "--scales",
+        "0.75,1.5",
+        "--flip",
+        "--probabilities",
+        *images,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scales"] == [0.75, 1.5] and summary["flip"] is True
+    for name in ("odd_png", "same_size"):
+        expected = _multiscale_flip_reference(setup["model"], setup["decoded"][name], (0.75, 1.5))
+        with Image.open(out / f"{name}.png") as png:
+            class_map = np.asarray(png)
+        assert _agreement(class_map, expected.argmax(-1)) >= AGREEMENT
+        probs = np.load(out / f"{name}_probs.npy").astype(np.float32)
+        np.testing.assert_allclose(probs, expected, atol=2e-3)
+        # Scales and mirroring change the answer here, so the checks are not vacuous.
+        single = setup["reference"][name]
+        single = np.exp(single - single.max(-1, keepdims=True))
+        single /= single.sum(-1, keepdims=True)
+        assert np.abs(single - expected).max() > 0.05
+        assert _agreement(class_map, single.argmax(-1)) < 1.0
+
+
 def _one_error_line(result, code: int, *needles: str) -> None:
     assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
@@ -369,6 +423,16 @@ def test_errors_before_any_work(setup, tmp_path):
             ),
             2,
             ["--tile 32x32", "64x64"],
+        ),
+        (
+            ("--model", keras_model, "--output_dir", tmp_path, "--scales", "1.0,0", image),
+            2,
+            ["--scales", "positive numbers", "1.0,0"],
+        ),
+        (
+            ("--model", setup["paths"]["tflite"], "--output_dir", tmp_path, "--flip", image),
+            2,
+            ["--scales/--flip", ".keras model", "tflite"],
         ),
     ]
     for args, code, needles in cases:

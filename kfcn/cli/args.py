@@ -78,6 +78,25 @@ def range_type(flag: str) -> Callable[[Any], tuple[float, float]]:
     return _sequence_type(parse, "range")
 
 
+def scales_type(flag: str) -> Callable[[Any], tuple[float, ...]]:
+    """An argparse `type=` for comma-separated positive resize factors, naming `--flag`."""
+
+    def parse(text: Any) -> tuple[float, ...]:
+        parts = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
+        try:
+            values = tuple(float(p) for p in parts)
+        except (TypeError, ValueError):
+            values = ()
+        if not values or not all(v > 0 for v in values):
+            raise UsageError(
+                f"--{flag} must be comma-separated positive numbers (e.g. 0.75,1.0,1.25). "
+                f"Received: --{flag}={text!r}"
+            )
+        return values
+
+    return _sequence_type(parse, "scales")
+
+
 def names_type(flag: str) -> Callable[[Any], tuple[str, ...]]:
     """An argparse `type=` for a comma-separated list of names, naming `--flag`."""
 

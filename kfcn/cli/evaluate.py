@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Any
 
-from kfcn.cli.args import add_bool, existing_path, model_path, names_type, size_type
+from kfcn.cli.args import add_bool, existing_path, model_path, names_type, scales_type, size_type
 from kfcn.cli.errors import CommandError, UsageError
 from kfcn.data import DATASETS
 from kfcn.training.config import MODALITIES
@@ -38,18 +38,6 @@ MODES = ("whole", "slide", "msflip")
 DEFAULT_SCALES = "0.5,0.75,1.0,1.25,1.5,1.75"
 RANK_BY = ("mean_iou", "pixel_accuracy")
 _RANK_LABELS = {"mean_iou": "mean IU", "pixel_accuracy": "pixel accuracy"}
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        values = ()
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated positive numbers (e.g. 0.75,1.0,1.25). Received: {text!r}"
-        )
-    return values
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,8 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     test.add_argument(
         "--scales",
-        type=_scales,
-        default=_scales(DEFAULT_SCALES),
+        type=scales_type("scales"),
+        default=scales_type("scales")(DEFAULT_SCALES),
         metavar="S,S,...",
         help=f"msflip: resize factors (default: {DEFAULT_SCALES}).",
     )

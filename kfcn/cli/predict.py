@@ -22,7 +22,9 @@ resized. A folder is searched recursively and its subfolders are kept in the
 output names; when two inputs would get the same name (a/x.jpg, b/x.jpg), the
 later gets "_2" (x_2.png) with a warning. An image that cannot be decoded is
 skipped; the others are written and the command then fails (exit 1) naming the
-skipped files. A multi-task model (SIFT Flow's sem and geo heads) is segmented
+skipped files. --scales and --flip (a .keras model or preset) average the
+probabilities of several resized and mirrored passes, as `kfcn evaluate --mode
+msflip` scores them. A multi-task model (SIFT Flow's sem and geo heads) is segmented
 for one task per run, --task (default: its first).
 """
 
@@ -32,7 +34,7 @@ import argparse
 import os
 import sys
 
-from kfcn.cli.args import add_bool, model_path, size_type
+from kfcn.cli.args import add_bool, model_path, scales_type, size_type
 from kfcn.cli.errors import CommandError, UsageError
 
 HELP = "Segment image files, folders or globs."
@@ -78,6 +80,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="HxW",
         help="Step between windows (default: 2/3 of the window).",
+    )
+    parser.add_argument(
+        "--scales",
+        type=scales_type("scales"),
+        default=None,
+        metavar="S,S,...",
+        help="Test-time scales (a .keras model or preset): predict each image resized by "
+        "each factor and average the probabilities, as `kfcn evaluate --mode msflip` "
+        "(e.g. 0.75,1.0,1.25,1.5,1.75; default: one pass at the native size).",
+    )
+    add_bool(
+        parser,
+        "flip",
+        False,
+        "Test-time mirroring (a .keras model or preset): also predict each image mirrored "
+        "(at each of --scales) and average",
     )
     add_bool(parser, "probabilities", False, "Also write NAME_probs.npy (float16 softmax)")
     parser.add_argument(
@@ -133,9 +151,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = predict.load_predictor(args.model, task=args.task)
         predict.check_tile(predictor, args.tile)
+        predict.check_scales(predictor, args.scales or ((1.0,) if args.flip else None))
     except predict.ModelError as error:
         raise CommandError(str(error)) from error
-    except ValueError as error:  # a --tile the TFLite file cannot take
+    except ValueError as error:  # a --tile or --scales the model cannot take
         raise UsageError(str(error)) from error
 
     from tqdm import tqdm
@@ -150,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 tile=args.tile,
                 stride=args.tile_stride,
+                scales=args.scales,
+                flip=args.flip,
                 probabilities=args.probabilities,
                 palette_name=args.palette,
                 alpha=args.alpha,
