@@ -469,8 +469,9 @@ def _test_time_scales(scales: Sequence[float] | None, flip: bool) -> tuple[float
     return tuple(float(s) for s in scales)
 
 
-def check_scales(predictor: Predictor, scales: Sequence[float] | None) -> None:
-    """Raises ValueError unless test-time `scales` can run on the predictor (Keras only)."""
+def check_scales(predictor: Predictor, scales: Sequence[float] | None, flip: bool = False) -> None:
+    """Raises ValueError unless test-time `scales` or `flip` can run here (Keras only)."""
+    scales = _test_time_scales(scales, flip)
     if scales is None:
         return
     if not scales or not all(float(s) > 0 for s in scales):

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = predict.load_predictor(args.model, task=args.task)
         predict.check_tile(predictor, args.tile)
-        predict.check_scales(predictor, args.scales or ((1.0,) if args.flip else None))
+        predict.check_scales(predictor, args.scales, args.flip)
     except predict.ModelError as error:
         raise CommandError(str(error)) from error
     except ValueError as error:  # a --tile or --scales the model cannot take

@@ -33,11 +33,6 @@ import tensorflow as tf
 WARMUP = 9
 
 
-def warmup_momentum(momentum: float, step: int) -> float:
-    """d_t of optimizer step `step` (1-based), as the module docstring defines it."""
-    return min(momentum, step / (step + WARMUP))
-
-
 class _Refs:
     """Holds objects a `tf.Module` must not track (the model's own variables)."""
 
