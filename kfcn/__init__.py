@@ -20,13 +20,17 @@ __version__ = "0.1.0"
 
 #: The paper's three nets (Long et al., Sec. 4.2), coarse to fine. Defined here, where
 #: importing it costs nothing, so the command line can offer it without loading Keras.
-VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
+PAPER_VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
+#: Every skip net kfcn builds: the paper's three and FCN-4s, which adds a pool2 skip
+#: the same way (the paper stops at FCN-8s, Sec. 4.2: "diminishing returns" on VOC).
+VARIANTS = (*PAPER_VARIANTS, "fcn4s")
 
 _LAZY_ATTRS = {
     "build_fcn": "kfcn.fcn",
     "build_fcn32s": "kfcn.fcn",
     "build_fcn16s": "kfcn.fcn",
     "build_fcn8s": "kfcn.fcn",
+    "build_fcn4s": "kfcn.fcn",
     "load_model": "kfcn.fcn",
     "convolutionalize": "kfcn.fully_convolutional",
     "dilate": "kfcn.dilation",
@@ -59,7 +63,7 @@ _LAZY_MODULES = (
     "training",
 )
 
-__all__ = ["VARIANTS", *sorted(_LAZY_ATTRS), *_LAZY_MODULES]
+__all__ = ["PAPER_VARIANTS", "VARIANTS", *sorted(_LAZY_ATTRS), *_LAZY_MODULES]
 
 
 #: Modules whose import registers kfcn's Keras classes (`register_keras_serializable`).

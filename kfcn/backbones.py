@@ -1,9 +1,9 @@
 """The classifiers FCNs are built from, and where their features are tapped.
 
 One table, keyed by backbone name: the Keras Applications constructor, its
-`preprocess_input` mode, and its feature taps keyed by stride (8, 16, 32), as
-keras-hub keys ``P3/P4/P5``. Taps are explicit Keras Applications layer names
-where those are stable, and otherwise found by graph position
+`preprocess_input` mode, and its feature taps keyed by stride (8, 16, 32, and 4
+for FCN-4s), as keras-hub keys ``P2..P5``. Taps are explicit Keras Applications
+layer names where those are stable, and otherwise found by graph position
 (`kfcn.geometry.find_taps`), never from auto-generated names, which change when
 a second model is built in the same process. Every tap's stride is checked when
 a model is built.
@@ -19,7 +19,10 @@ import keras
 from kfcn import geometry
 from kfcn.models.torch_weights import load_torch_state_dict  # noqa: F401 (re-exported)
 
+#: The strides every FCN taps (pool3, pool4, pool5 of the paper).
 STRIDES = (8, 16, 32)
+#: The finer tap FCN-4s adds (pool2).
+FINE_STRIDE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +35,9 @@ class BackboneSpec:
             `input_shape`, `classes`).
         preprocessing: `kfcn.layers.Preprocess` mode ("none" when the
             application normalises its input itself).
-        taps: Layer names keyed by stride, or None to find taps by graph position.
+        taps: Layer names keyed by stride, or None to find taps by graph
+            position; a stride without a name (the stride-4 tap of some) is
+            found by position too.
         fc_layers: Names of the classifier's fully connected layers that the FCN
             keeps as convolutions `fc6`, `fc7` (the paper's VGG surgery).
     """
@@ -51,21 +56,27 @@ def constructor_of(spec: BackboneSpec):
 
 # Each tap is the full-width feature map a stage leaves at that stride, as the
 # paper taps pool3 and pool4.
-_VGG_TAPS = {8: "block3_pool", 16: "block4_pool", 32: "block5_pool"}
+_VGG_TAPS = {4: "block2_pool", 8: "block3_pool", 16: "block4_pool", 32: "block5_pool"}
 # The dense block's output, normalised and activated by its transition, before
 # the transition's 1x1 convolution halves the channels.
-_DENSENET_TAPS = {8: "pool3_relu", 16: "pool4_relu", 32: "relu"}
+_DENSENET_TAPS = {4: "pool2_relu", 8: "pool3_relu", 16: "pool4_relu", 32: "relu"}
 # Inverted residuals (as MobileNetV2's row): the next stage's expansion, the
 # last and widest map at the stride before its strided depthwise convolution.
 _EFFICIENTNET_TAPS = {
+    4: "block3a_expand_activation",
     8: "block4a_expand_activation",
     16: "block6a_expand_activation",
     32: "top_activation",
 }
+# EfficientNetV2's early blocks are fused: block3a's 3x3 expansion is the strided
+# convolution, so its stride-4 tap is stage 2's output, found by position
+# (block2b_add in B0, block2d_add in S: the name depends on the size).
+_EFFICIENTNET_V2_TAPS = {s: n for s, n in _EFFICIENTNET_TAPS.items() if s != FINE_STRIDE}
 
 
 def _resnet_taps(blocks3: int, blocks4: int) -> dict[int, str]:
     return {
+        4: "conv2_block3_out",
         8: f"conv3_block{blocks3}_out",
         16: f"conv4_block{blocks4}_out",
         32: "conv5_block3_out",
@@ -77,6 +88,7 @@ def _resnet_v2_taps(blocks3: int, blocks4: int) -> dict[int, str]:
     # features at stride 8 (16) are that block's pre-activation (BN, ReLU) of its
     # input, before its 1x1 bottleneck narrows them and its 3x3 strides.
     return {
+        4: "conv2_block3_preact_relu",
         8: f"conv3_block{blocks3}_preact_relu",
         16: f"conv4_block{blocks4}_preact_relu",
         32: "post_relu",
@@ -93,12 +105,19 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet101v2": BackboneSpec("ResNet101V2", "tf", _resnet_v2_taps(4, 23)),
     "resnet152v2": BackboneSpec("ResNet152V2", "tf", _resnet_v2_taps(8, 36)),
     "mobilenet": BackboneSpec(
-        "MobileNet", "tf", {8: "conv_pw_5_relu", 16: "conv_pw_11_relu", 32: "conv_pw_13_relu"}
+        "MobileNet",
+        "tf",
+        {4: "conv_pw_3_relu", 8: "conv_pw_5_relu", 16: "conv_pw_11_relu", 32: "conv_pw_13_relu"},
     ),
     "mobilenetv2": BackboneSpec(
         "MobileNetV2",
         "tf",
-        {8: "block_6_expand_relu", 16: "block_13_expand_relu", 32: "out_relu"},
+        {
+            4: "block_3_expand_relu",
+            8: "block_6_expand_relu",
+            16: "block_13_expand_relu",
+            32: "out_relu",
+        },
     ),
     # MobileNetV3's activations and ConvNeXt's residual sums have auto-generated
     # names: their taps (the same kinds of map as above) are found by position.
@@ -109,7 +128,9 @@ BACKBONES: dict[str, BackboneSpec] = {
         for i in range(8)
     },
     **{
-        f"efficientnetv2{v}": BackboneSpec(f"EfficientNetV2{v.upper()}", "none", _EFFICIENTNET_TAPS)
+        f"efficientnetv2{v}": BackboneSpec(
+            f"EfficientNetV2{v.upper()}", "none", _EFFICIENTNET_V2_TAPS
+        )
         for v in ("b0", "b1", "b2", "b3", "s", "m", "l")
     },
     **{
@@ -122,7 +143,12 @@ BACKBONES: dict[str, BackboneSpec] = {
     "xception": BackboneSpec(
         "Xception",
         "tf",
-        {8: "block4_sepconv2_bn", 16: "block13_sepconv2_bn", 32: "block14_sepconv2_act"},
+        {
+            4: "block3_sepconv2_bn",
+            8: "block4_sepconv2_bn",
+            16: "block13_sepconv2_bn",
+            32: "block14_sepconv2_act",
+        },
     ),
     # kfcn's own ResNets (torchvision's / mmseg's V1b and V1c, kfcn.models.resnet):
     # ImageNet mean and std on RGB ("torch" is mmseg's mean 123.675, 116.28, 103.53
@@ -131,7 +157,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         f"resnet{depth}{stem}": BackboneSpec(
             f"ResNet{depth}{stem.capitalize()}",
             "torch",
-            {8: "layer2_out", 16: "layer3_out", 32: "layer4_out"},
+            {4: "layer1_out", 8: "layer2_out", 16: "layer3_out", 32: "layer4_out"},
             (),
             module="kfcn.models.resnet",
         )
@@ -234,12 +260,16 @@ def build_classifier(spec: BackboneSpec, weights: str) -> keras.Model:
         raise
 
 
-def resolve_taps(model: keras.Model, names: dict[int, str] | None) -> dict[int, tuple]:
-    """Finds the stride-8/16/32 taps of `model` and checks their strides.
+def resolve_taps(
+    model: keras.Model, names: dict[int, str] | None, strides: tuple[int, ...] = STRIDES
+) -> dict[int, tuple]:
+    """Finds the taps of `model` at `strides` and checks their strides.
 
     Args:
         model: A functional backbone taking images.
-        names: Layer names keyed by stride, or None to find taps by position.
+        names: Layer names keyed by stride, or None to find taps by position;
+            a stride in `strides` that `names` lacks is found by position.
+        strides: The strides wanted: `STRIDES`, with `FINE_STRIDE` for FCN-4s.
 
     Returns:
         A dict mapping stride to `(output_tensor, Geometry)`.
@@ -248,18 +278,20 @@ def resolve_taps(model: keras.Model, names: dict[int, str] | None) -> dict[int, 
         ValueError: If a tap is missing or sits at another stride.
     """
     records = geometry.trace(model)
-    if names is None:
-        found = geometry.find_taps(model, STRIDES, records)
-        missing = [s for s in STRIDES if s not in found]
+    unnamed = [s for s in strides if names is None or s not in names]
+    taps = {}
+    if unnamed:
+        found = geometry.find_taps(model, unnamed, records)
+        missing = [s for s in unnamed if s not in found]
         if missing:
             raise ValueError(
                 f"`backbone` has no feature map at stride(s) {missing} that kfcn can tap "
                 f"(found strides {sorted(found)}). Received: backbone={model.name!r}"
             )
-        return {s: (tensor, geo) for s, (_, tensor, geo) in found.items()}
+        taps = {s: (tensor, geo) for s, (_, tensor, geo) in found.items()}
     by_name = {layer.name: (tensor, geo) for layer, tensor, geo in records}
-    taps = {}
-    for stride, name in names.items():
+    for stride in [s for s in strides if s not in unnamed]:
+        name = names[stride]
         if name not in by_name:
             raise ValueError(
                 f"`backbone` {model.name!r} has no layer {name!r} for its stride-{stride} tap."
@@ -271,4 +303,4 @@ def resolve_taps(model: keras.Model, names: dict[int, str] | None) -> dict[int, 
                 f"but its geometry is {geo}."
             )
         taps[stride] = (tensor, geo)
-    return taps
+    return dict(sorted(taps.items()))

@@ -13,6 +13,12 @@ The network, as the paper draws it::
              pool4 -> score_pool4 ------'
     FCN-8s:  fuse_pool4 -> upscore_pool4 (x2) -+-> fuse_pool3 -> upscore8 (x8) -> score
              pool3 -> score_pool3 -------------'
+    FCN-4s:  fuse_pool3 -> upscore_pool3 (x2) -+-> fuse_pool2 -> upscore4 (x4) -> score
+             pool2 -> score_pool2 -------------'
+
+FCN-4s is one step past the paper, which stops at FCN-8s (Sec. 4.2, "diminishing
+returns" on VOC's large objects): the same zero-initialised skip from pool2, for
+thin classes (poles, signs) that a stride-8 map cannot resolve.
 
 Backbones without fully connected layers (ResNet, MobileNet, ...) go straight
 from their last feature map to `score_fr`, as the paper does for GoogLeNet.
@@ -45,14 +51,17 @@ from kfcn.modality import MODALITIES
 logger = logging.getLogger(__name__)
 
 # Skip strides each variant fuses, coarse to fine, and its final upsampling.
-_SKIPS = {"fcn32s": (), "fcn16s": (16,), "fcn8s": (16, 8)}
+_SKIPS = {"fcn32s": (), "fcn16s": (16,), "fcn8s": (16, 8), "fcn4s": (16, 8, 4)}
 # Layer names of the reference nets, keyed by the stride each one produces.
-_SCORE_NAMES = {16: "score_pool4", 8: "score_pool3"}
-_FUSE_NAMES = {16: "fuse_pool4", 8: "fuse_pool3"}
-_UPSCORE_NAMES = {16: "upscore2", 8: "upscore_pool4"}
-_FINAL_UPSCORE = {"fcn32s": "upscore", "fcn16s": "upscore16", "fcn8s": "upscore8"}
+_SCORE_NAMES = {16: "score_pool4", 8: "score_pool3", 4: "score_pool2"}
+_FUSE_NAMES = {16: "fuse_pool4", 8: "fuse_pool3", 4: "fuse_pool2"}
+_UPSCORE_NAMES = {16: "upscore2", 8: "upscore_pool4", 4: "upscore_pool3"}
+_FINAL_UPSCORE = {
+    "fcn32s": "upscore", "fcn16s": "upscore16", "fcn8s": "upscore8", "fcn4s": "upscore4"
+}  # fmt: skip
 # voc-fcn8s-atonce scales pool4 and pool3 before scoring them.
 _AT_ONCE_SCALES = {16: 0.01, 8: 0.0001}
+_AT_ONCE_VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -252,12 +261,12 @@ def _widen_trunk(rgb_trunk: keras.Model, spec) -> keras.Model:
     return wide
 
 
-def _trunk(backbone, weights, channels: int = 3, prefix: str = ""):
-    """Builds the trunk and returns (trunk model, taps, spec, classifier or None)."""
+def _trunk(backbone, weights, channels: int = 3, prefix: str = "", strides=backbones.STRIDES):
+    """Builds the trunk and returns (trunk model, taps at `strides`, spec, classifier or None)."""
     if isinstance(backbone, keras.Model):
         spec = backbones.BackboneSpec(constructor="", preprocessing="none")
         trunk = _renamed(backbone, prefix) if prefix else backbone
-        return trunk, backbones.resolve_taps(trunk, None), spec, None
+        return trunk, backbones.resolve_taps(trunk, None, strides), spec, None
     if not isinstance(backbone, str):
         raise ValueError(
             f"`backbone` must be a name or a keras.Model. Received: backbone={backbone!r}"
@@ -281,7 +290,7 @@ def _trunk(backbone, weights, channels: int = 3, prefix: str = ""):
     if prefix:
         trunk = _renamed(trunk, prefix)
     names = None if spec.taps is None else {s: prefix + n for s, n in spec.taps.items()}
-    return trunk, backbones.resolve_taps(trunk, names), spec, classifier
+    return trunk, backbones.resolve_taps(trunk, names, strides), spec, classifier
 
 
 def _upscore(num_classes, kernel, factor, name, trainable):
@@ -370,7 +379,7 @@ def _fused_score(streams, stride, num_classes, task, at_once):
     for stream in streams:
         feature = stream.top if stride == 32 else stream.tapped[stride]
         if at_once and stride != 32:
-            scale = f"scale_pool{4 if stride == 16 else 3}"
+            scale = "scale_" + _SCORE_NAMES[stride].removeprefix("score_")
             feature = Scale(_AT_ONCE_SCALES[stride], name=_named(scale, stream.name, task))(feature)
         maps.append(_score(num_classes, _named(base, stream.name, task))(feature))
     if len(maps) == 1:
@@ -418,13 +427,15 @@ def build_fcn(
     modality: str = "rgb",
     heads: dict[str, int] | None = None,
 ) -> keras.Model:
-    """Builds an FCN-32s, FCN-16s or FCN-8s (Long, Shelhamer, Darrell, 2015).
+    """Builds an FCN-32s, FCN-16s, FCN-8s (Long, Shelhamer, Darrell, 2015) or FCN-4s.
 
     Args:
-        variant: "fcn32s", "fcn16s" or "fcn8s".
+        variant: "fcn32s", "fcn16s" or "fcn8s", or "fcn4s": FCN-8s with one more
+            skip, `score_pool2` on the stride-4 features, fused as the paper
+            fuses pool3 (`upscore_pool3`, `fuse_pool2`, `upscore4`).
         backbone: A name from `kfcn.backbones.BACKBONES` (e.g. "vgg16",
             "resnet50", "mobilenetv2") or a `keras.Model` taking images, whose
-            stride-8/16/32 features are found by graph position. A given model
+            stride-8/16/32 (and 4) features are found by graph position. A given model
             must normalise its own input (it receives 0..255 RGB; for "rgbd" it
             takes 4 channels and receives 0..255 RGB and the log depth).
         num_classes: Number of classes, >= 1 (default 21). Not allowed with
@@ -449,7 +460,7 @@ def build_fcn(
         trainable_upsampling: Learn the bilinear-initialised upsampling
             (the reference freezes it).
         at_once: Scale pool4 by 0.01 and pool3 by 0.0001 before scoring them,
-            as the all-at-once model (voc-fcn8s-atonce) does.
+            as the all-at-once model (voc-fcn8s-atonce) does (not for FCN-4s).
         init_from: A model, or the path of a `.keras` file, whose same-named
             layers initialise this one (staged training 32s -> 16s -> 8s). For
             `modality="rgb+hha"` also a dict `{"rgb": ..., "hha": ...}` of
@@ -511,9 +522,15 @@ def build_fcn(
     shape = _check_arguments(
         variant, next(iter(tasks.values())), input_shape, dropout, weights, backbone, modality
     )
+    if at_once and variant not in _AT_ONCE_VARIANTS:
+        raise ValueError(
+            "`at_once` is the reference's voc-fcn8s-atonce (pool4 and pool3 scaled); it has "
+            f"no pool2 scale for FCN-4s. Received: variant={variant!r}, at_once=True"
+        )
     stream_names = modality_lib.STREAMS if modality == "rgb+hha" else (None,)
+    strides = tuple(sorted({*backbones.STRIDES, *_SKIPS[variant]}))
     built = {
-        stream: _trunk(backbone, weights, shape[2], f"{stream}_" if stream else "")
+        stream: _trunk(backbone, weights, shape[2], f"{stream}_" if stream else "", strides)
         for stream in stream_names
     }
     first = built[stream_names[0]]
@@ -601,6 +618,11 @@ def build_fcn16s(**kwargs) -> keras.Model:
 def build_fcn8s(**kwargs) -> keras.Model:
     """FCN-8s: `build_fcn(variant="fcn8s", ...)`; see `build_fcn`."""
     return build_fcn("fcn8s", **kwargs)
+
+
+def build_fcn4s(**kwargs) -> keras.Model:
+    """FCN-4s, FCN-8s with a pool2 skip: `build_fcn(variant="fcn4s", ...)`; see `build_fcn`."""
+    return build_fcn("fcn4s", **kwargs)
 
 
 def load_model(

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from kfcn import VARIANTS  # noqa: F401 - the export tests take it from here
+from kfcn import PAPER_VARIANTS as VARIANTS  # noqa: F401 - the export tests take it from here
 
 HEIGHT, WIDTH = 64, 96
 NUM_CLASSES = 4

@@ -64,17 +64,18 @@ def _centre(model, size, index):
 @pytest.mark.parametrize(
     "name, size, analytic",
     [
-        # VGG16 pool3/4/5 (block3..5_pool): feature j covers s*j .. s*j + s - 1.
-        ("vgg16", 512, {8: 3.5, 16: 7.5, 32: 15.5}),
+        # VGG16 pool2..5 (block2..5_pool): feature j covers s*j .. s*j + s - 1.
+        ("vgg16", 512, {4: 1.5, 8: 3.5, 16: 7.5, 32: 15.5}),
         # ResNet50: 7x7/2 conv padded by 3 and 3x3/2 pool padded by 1 are centred.
-        ("resnet50", 512, {8: 0.0, 16: 0.0, 32: 0.0}),
+        ("resnet50", 512, {4: 0.0, 8: 0.0, 16: 0.0, 32: 0.0}),
         ("mobilenetv2", 1024, None),
     ],
 )
 def test_tap_centres(name, size, analytic):
     spec = backbones.get_spec(name)
     trunk = backbones.build_trunk(spec)
-    taps = backbones.resolve_taps(trunk, spec.taps)
+    taps = backbones.resolve_taps(trunk, spec.taps, (backbones.FINE_STRIDE, *backbones.STRIDES))
+    assert sorted(taps) == [4, 8, 16, 32]
     positive = _positive(trunk)
     for stride, (tensor, geo) in taps.items():
         layer = tensor._keras_history.operation
@@ -95,11 +96,12 @@ def _ramp(rows, cols, stride, offset):
 
 
 @pytest.mark.parametrize("backbone", ["vgg16", "mobilenetv2", "resnet50", "xception"])
-@pytest.mark.parametrize("variant", ["fcn32s", "fcn16s", "fcn8s"])
+@pytest.mark.parametrize("variant", ["fcn32s", "fcn16s", "fcn8s", "fcn4s"])
 def test_upsampling_path_is_aligned(variant, backbone):
     model = kfcn.build_fcn(variant, backbone=backbone, num_classes=2)
     spec = backbones.get_spec(backbone)
-    taps = backbones.resolve_taps(backbones.build_trunk(spec), spec.taps)
+    strides = (backbones.FINE_STRIDE, *backbones.STRIDES)
+    taps = backbones.resolve_taps(backbones.build_trunk(spec), spec.taps, strides)
     # Feature positions on the image: the trunk's, less the model's top/left padding.
     top, left = model.get_layer("pad").before
     where = {
@@ -108,8 +110,12 @@ def test_upsampling_path_is_aligned(variant, backbone):
     }
     height, width = 160, 224  # padded input; maps at stride s are (h/s, w/s)
     score = _ramp(height // 32, width // 32, 32, where[32].offset)
-    names = {16: ("upscore2", "upscore2c"), 8: ("upscore_pool4", "upscore_pool4c")}
-    skips = {"fcn32s": (), "fcn16s": (16,), "fcn8s": (16, 8)}[variant]
+    names = {
+        16: ("upscore2", "upscore2c"),
+        8: ("upscore_pool4", "upscore_pool4c"),
+        4: ("upscore_pool3", "upscore_pool3c"),
+    }
+    skips = {"fcn32s": (), "fcn16s": (16,), "fcn8s": (16, 8), "fcn4s": (16, 8, 4)}[variant]
     for stride in skips:
         up_name, crop_name = names[stride]
         target = _ramp(height // stride, width // stride, stride, where[stride].offset)
@@ -120,7 +126,9 @@ def test_upsampling_path_is_aligned(variant, backbone):
         hi = -2
         np.testing.assert_allclose(got[:, lo:hi, lo:hi], target[:, lo:hi, lo:hi], atol=1e-3)
         score = target  # fuse with a zero skip keeps the ramp
-    final = {"fcn32s": "upscore", "fcn16s": "upscore16", "fcn8s": "upscore8"}[variant]
+    final = {"fcn32s": "upscore", "fcn16s": "upscore16", "fcn8s": "upscore8", "fcn4s": "upscore4"}[
+        variant
+    ]
     stride = skips[-1] if skips else 32
     image = np.zeros((1, height - 5, width - 7, 3), np.float32)
     out = model.get_layer("score")([model.get_layer(final)(score), image]).numpy()

@@ -48,12 +48,31 @@ TAP_CHANNELS = {
 }
 
 
+# Channels of the stride-4 tap (FCN-4s's pool2), from the same definitions.
+FINE_TAP_CHANNELS = {
+    "vgg16": 128,  # conv2_x
+    "resnet50": 256,  # conv2_x bottleneck outputs 3 x (64, 64, 256)
+    "resnet50v2": 256,  # what enters conv2's last (striding) block
+    "mobilenet": 128,  # pointwise 3
+    "mobilenetv2": 24 * 6,  # expansion of block 3 (t=6), which strides next
+    "mobilenetv3small": 72,  # expansion of block 1 (16 -> 24, expanded to 72)
+    "mobilenetv3large": 24 * 3,  # expansion of block 3 (24 -> 40, t=3)
+    "efficientnetb0": 24 * 6,  # expansion of block3a (t=6)
+    "efficientnetv2b0": 32,  # stage 2's output: fused block3a strides in its expansion
+    "convnexttiny": 96,  # projection dim of stage 0
+    "densenet121": 64 + 6 * 32,  # dense block 1, before transition 1 halves it
+    "xception": 256,  # entry flow block 3
+}
+
+
 @pytest.mark.parametrize("name", sorted(TAP_CHANNELS))
 def test_taps_are_full_width_stage_features(name):
     spec = backbones.get_spec(name)
-    taps = backbones.resolve_taps(backbones.build_trunk(spec), spec.taps)
+    strides = (backbones.FINE_STRIDE, *backbones.STRIDES)
+    taps = backbones.resolve_taps(backbones.build_trunk(spec), spec.taps, strides)
     channels = tuple(int(taps[stride][0].shape[-1]) for stride in backbones.STRIDES)
     assert channels == TAP_CHANNELS[name]
+    assert int(taps[backbones.FINE_STRIDE][0].shape[-1]) == FINE_TAP_CHANNELS[name]
 
 
 def _randomise(model, seed=0):

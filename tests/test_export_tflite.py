@@ -94,6 +94,29 @@ def test_float32_logits_match(model, exports, test_images):
     np.testing.assert_allclose(ours, reference, atol=1e-3 * np.abs(reference).max())
 
 
+def test_fcn4s_exports_for_the_gpu_delegate_with_every_path_live(tmp_path, test_images):
+    """FCN-4s's pool2 skip converts like the paper's skips: builtin ops, float32 parity."""
+    import kfcn
+
+    model = kfcn.build_fcn4s(backbone="mobilenetv2", num_classes=4)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if layer.name.startswith("score_"):
+            weights = [rng.normal(0, 0.5, w.shape).astype(np.float32) for w in layer.weights]
+            layer.set_weights(weights)
+    image = test_images[:1].astype(np.float32)
+    reference = np.asarray(model(image, training=False))[0]
+    without_pool2 = [np.zeros(w.shape, np.float32) for w in model.get_layer("score_pool2").weights]
+    saved = model.get_layer("score_pool2").get_weights()
+    model.get_layer("score_pool2").set_weights(without_pool2)
+    assert np.abs(np.asarray(model(image, training=False))[0] - reference).max() > 0.1
+    model.get_layer("score_pool2").set_weights(saved)
+    result = tflite_lib.export_tflite(model, tmp_path / "fcn4s.tflite", SIZE)  # GPU check: error
+    assert not result.gpu_report.issues
+    ours = tflite_lib.tflite_logits(tflite_lib.make_interpreter(result.path), test_images[0])
+    np.testing.assert_allclose(ours, reference, atol=1e-3 * np.abs(reference).max())
+
+
 def test_sizes_shrink_with_quantization(exports):
     full = exports["none"].size_bytes
     assert exports["float16"].size_bytes < 0.6 * full

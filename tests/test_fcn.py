@@ -9,7 +9,7 @@ from kfcn import backbones, bilinear
 
 # The reference nets' learned parameters (voc-fcn*s, VGG16, 21 classes), by hand:
 # trunk 14,714,688; fc6 7*7*512*4096+4096; fc7 4096*4096+4096; score_fr 4096*21+21;
-# score_pool4 512*21+21; score_pool3 256*21+21.
+# score_pool4 512*21+21; score_pool3 256*21+21; FCN-4s's score_pool2 128*21+21.
 TRUNK = 14_714_688
 FC = 7 * 7 * 512 * 4096 + 4096 + 4096 * 4096 + 4096
 SCORE_FR = 4096 * 21 + 21
@@ -17,6 +17,7 @@ REFERENCE_COUNTS = {
     "fcn32s": (134_346_581, TRUNK + FC + SCORE_FR),
     "fcn16s": (134_357_354, TRUNK + FC + SCORE_FR + 512 * 21 + 21),
     "fcn8s": (134_362_751, TRUNK + FC + SCORE_FR + 512 * 21 + 21 + 256 * 21 + 21),
+    "fcn4s": (134_365_460, TRUNK + FC + SCORE_FR + 512 * 21 + 21 + 256 * 21 + 21 + 128 * 21 + 21),
 }
 ODD_SIZES = [(1, 1), (33, 47), (97, 131)]
 # Every backbone the issue names; the rest of the table shares their code paths.
@@ -37,7 +38,7 @@ def _images(height, width, batch=1, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, (batch, height, width, 3)).astype("float32")
 
 
-@pytest.mark.parametrize("variant", ["fcn32s", "fcn16s", "fcn8s"])
+@pytest.mark.parametrize("variant", ["fcn32s", "fcn16s", "fcn8s", "fcn4s"])
 def test_vgg16_matches_reference(variant):
     model = kfcn.build_fcn(variant, backbone="vgg16")
     expected, by_hand = REFERENCE_COUNTS[variant]
@@ -51,11 +52,18 @@ def test_vgg16_matches_reference(variant):
             "fc6", "fc7", "score_fr", "upscore2", "score_pool4", "fuse_pool4", "upscore_pool4",
             "score_pool3", "fuse_pool3", "upscore8",
         },
+        "fcn4s": {
+            "fc6", "fc7", "score_fr", "upscore2", "score_pool4", "fuse_pool4", "upscore_pool4",
+            "score_pool3", "fuse_pool3", "upscore_pool3", "score_pool2", "fuse_pool2", "upscore4",
+        },
     }[variant]  # fmt: skip
     assert paper <= names
     assert model.get_layer("fc6").kernel.shape == (7, 7, 512, 4096)
     assert model.get_layer("fc7").kernel.shape == (1, 1, 4096, 4096)
-    kernels = {"upscore": 64, "upscore2": 4, "upscore16": 32, "upscore_pool4": 4, "upscore8": 16}
+    kernels = {
+        "upscore": 64, "upscore2": 4, "upscore16": 32, "upscore_pool4": 4, "upscore8": 16,
+        "upscore_pool3": 4, "upscore4": 8,
+    }  # fmt: skip
     for name, size in kernels.items():
         if name in names:
             layer = model.get_layer(name)
@@ -71,8 +79,9 @@ def test_vgg16_matches_reference(variant):
 
 
 def test_fresh_skips_and_score_start_at_zero():
-    model = kfcn.build_fcn8s(backbone="vgg16", num_classes=5)
-    for name in ("score_pool4", "score_pool3", "score_fr"):
+    model = kfcn.build_fcn4s(backbone="vgg16", num_classes=5)
+    assert model.get_layer("score_pool2").kernel.shape == (1, 1, 128, 5)  # pool2: conv2_x
+    for name in ("score_pool4", "score_pool3", "score_pool2", "score_fr"):
         for weight in model.get_layer(name).get_weights():
             assert not weight.any()
 
@@ -143,6 +152,29 @@ def test_every_backbone_any_size(backbone):
     )
 
 
+# One backbone per rule of the stride-4 tap (a named layer, or found by position).
+FINE_BACKBONES = [
+    "vgg16", "resnet50", "resnet50v2", "mobilenet", "mobilenetv2", "mobilenetv3small",
+    "efficientnetb0", "efficientnetv2b0", "convnexttiny", "densenet121", "xception",
+    "resnet18v1c",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backbone", FINE_BACKBONES)
+def test_fcn4s_every_tap_rule_any_size(backbone):
+    model = kfcn.build_fcn4s(backbone=backbone, num_classes=3)
+    _score_randomly(model)
+    for height, width in ODD_SIZES:
+        out = model(_images(height, width))
+        assert out.shape == (1, height, width, 3), (backbone, height, width)
+        _assert_no_padding_border(out, (backbone, height, width))
+    # The pool2 skip moves the output: zeroing it changes the scores.
+    before = model(_images(64, 96)).numpy()
+    for weight in model.get_layer("score_pool2").weights:
+        weight.assign(np.zeros(weight.shape, np.float32))
+    assert np.abs(model(_images(64, 96)).numpy() - before).max() > 1e-3
+
+
 @pytest.mark.parametrize("backbone", ["resnet50", "mobilenetv2", "xception", "convnexttiny"])
 @pytest.mark.parametrize("variant", ["fcn32s", "fcn16s"])
 def test_coarser_variants_other_backbones(variant, backbone):
@@ -187,7 +219,8 @@ def test_keras_model_backbone_without_taps():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"variant": "fcn4s"}, r"`variant` must be one of .*fcn4s"),
+        ({"variant": "fcn2s"}, r"`variant` must be one of .*fcn4s.*fcn2s"),
+        ({"variant": "fcn4s", "at_once": True}, r"`at_once`.*fcn4s"),
         ({"num_classes": 0}, r"`num_classes`.*num_classes=0"),
         ({"num_classes": 2.5}, r"`num_classes`.*2.5"),
         ({"backbone": "vgg17"}, r"`backbone`.*vgg17"),

@@ -15,6 +15,10 @@ REFERENCE_NAMES = {
         "score_fr", "upscore2", "score_pool4", "fuse_pool4", "upscore_pool4", "score_pool3",
         "fuse_pool3", "upscore8", "score",
     ),
+    "fcn4s": (
+        "score_fr", "upscore2", "score_pool4", "fuse_pool4", "upscore_pool4", "score_pool3",
+        "fuse_pool3", "upscore_pool3", "score_pool2", "fuse_pool2", "upscore4", "score",
+    ),
 }  # fmt: skip
 
 

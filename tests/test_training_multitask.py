@@ -444,3 +444,13 @@ def test_pipeline_options_reach_train_pipeline(monkeypatch):
     seen.clear()
     job.Inputs(config, 1).train_dataset(None, 0)
     assert "cat_max_ratio" not in seen  # off: the pipeline's own default (never re-draw)
+
+
+def test_build_model_builds_fcn4s_from_the_config():
+    from kfcn.training.job import build_model
+
+    config = TrainConfig("m", variant="fcn4s", backbone="mobilenetv2", trainable_upsampling=True)
+    model = build_model(config, 11)
+    assert model.get_layer("score_pool2").kernel.shape == (1, 1, 144, 11)
+    assert model.get_layer("upscore4").trainable
+    assert model(np.zeros((1, 33, 47, 3), np.float32)).shape == (1, 33, 47, 11)

@@ -178,7 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     flag(
         "variant",
-        "FCN variant: the paper's skip nets, or mmsegmentation's dilated nets "
+        "FCN variant: the paper's skip nets (fcn4s: FCN-8s with a pool2 skip), or "
+        "mmsegmentation's dilated nets "
         "(fcn_d8, fcn_d16: output stride 8, 16; fcn_d6: stride 16, dilation-6 head; "
         "with --backbone resnet50_v1c etc.).",
         choices=(*VARIANTS, *DILATED_VARIANTS),

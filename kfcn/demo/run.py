@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kfcn import VARIANTS
+from kfcn import PAPER_VARIANTS
 from kfcn.demo import synthetic
 
 TITLES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s"}
@@ -236,7 +236,7 @@ def train_stages(
     loop_logger = logging.getLogger("kfcn.training.loop")
     models: dict[str, str] = {}
     init_from = None
-    for variant, steps in zip(VARIANTS, settings.stage_steps, strict=True):
+    for variant, steps in zip(PAPER_VARIANTS, settings.stage_steps, strict=True):
         run_dir = os.path.join(runs_dir, variant)
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed one
         config = train_config(variant, steps, run_dir, data_dir, settings, init_from)
@@ -301,7 +301,7 @@ def score_models(
             "class_names": list(info.class_names),
         }
         examples[variant] = kept
-        if variant == VARIANTS[-1]:
+        if variant == PAPER_VARIANTS[-1]:
             confusion = matrix
     return scores, examples, confusion
 
@@ -345,14 +345,14 @@ def draw_pictures(
         label = read_label(
             os.path.join(data_dir, "labels", f"{name}.png"), synthetic.NUM_CLASSES, 255
         )
-        maps = [examples[variant][index] for variant in VARIANTS]
+        maps = [examples[variant][index] for variant in PAPER_VARIANTS]
         rows.append([image] + [visualize.colorize(m, palette) for m in maps + [label]])
     paths = {
         "figure2": os.path.join(output_dir, "figure2.png"),
         "confusion": os.path.join(output_dir, "confusion.png"),
         "training_curves": os.path.join(output_dir, "training_curves.png"),
     }
-    titles = ["image"] + [TITLES[v] for v in VARIANTS] + ["ground truth"]
+    titles = ["image"] + [TITLES[v] for v in PAPER_VARIANTS] + ["ground truth"]
     visualize.figure_grid(rows, titles, paths["figure2"])
     visualize.plot_confusion_matrix(confusion, synthetic.CLASS_NAMES, paths["confusion"])
     visualize.training_curves(runs_dir, paths["training_curves"])

@@ -57,8 +57,9 @@ class TrainConfig:
         strategy: "one_device", "mirrored" or "multi_worker_mirrored".
         cpu_replicas: Logical CPU devices for "mirrored" on a machine without GPUs.
         backbone: Backbone name (`kfcn.backbones`).
-        variant: The paper's skip nets "fcn32s", "fcn16s", "fcn8s" (`kfcn.build_fcn`)
-            or mmsegmentation's dilated nets "fcn_d8", "fcn_d16", "fcn_d6"
+        variant: The paper's skip nets "fcn32s", "fcn16s", "fcn8s" and "fcn4s"
+            (FCN-8s with a pool2 skip; `kfcn.build_fcn`) or mmsegmentation's
+            dilated nets "fcn_d8", "fcn_d16", "fcn_d6"
             (`kfcn.build_dilated_fcn`: output stride 8, 16, and 16 with a
             dilation-6 head).
         head_channels: Dilated nets: channels of the FCNHead's convs (mmseg 512).
@@ -336,7 +337,7 @@ class TrainConfig:
             for name, default in (("modality", "rgb"), ("heads", None)):
                 if getattr(self, name) != default:
                     raise ValueError(
-                        f"`{name}` is a setting of the skip nets (fcn32s, fcn16s, fcn8s); "
+                        f"`{name}` is a setting of the skip nets (fcn32s ... fcn4s); "
                         f"the dilated nets take RGB and one task. Received: "
                         f"{name}={getattr(self, name)!r} with variant={self.variant!r}"
                     )
