@@ -18,7 +18,8 @@ import pytest
 
 from kfcn import presets
 
-SHIPPED = "camvid_fcn8s_mobilenetv2"
+#: Every preset kfcn ships; each is checked against its card.
+SHIPPED = ("camvid_fcn8s_mobilenetv2", "camvid_fcn4s_mobilenetv2")
 REAL_CAMVID = os.environ.get(
     "KFCN_CAMVID",
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "camvid"),
@@ -203,22 +204,27 @@ def test_presets_command_lists_and_shows_cards(packed, capsys):
 # --- the shipped preset ---------------------------------------------------------------
 
 
-def _shipped_card() -> dict:
-    if SHIPPED not in presets.preset_names():
-        pytest.fail(f"{SHIPPED} is not in {presets.PRESET_DIR}")
-    return presets.model_card(SHIPPED)
+def _shipped_card(name: str) -> dict:
+    if name not in presets.preset_names():
+        pytest.fail(f"{name} is not in {presets.PRESET_DIR}")
+    return presets.model_card(name)
 
 
-def test_shipped_preset_card_matches_its_files():
+def test_every_preset_folder_is_a_shipped_preset():
+    assert sorted(presets.preset_names()) == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_preset_card_matches_its_files(name):
     import kfcn
 
-    card = _shipped_card()
-    folder = os.path.join(presets.PRESET_DIR, SHIPPED)
+    card = _shipped_card(name)
+    folder = os.path.join(presets.PRESET_DIR, name)
     assert presets.folder_bytes(folder) <= presets.MAX_PRESET_BYTES
     for key in ("command", "data", "wall_clock_minutes", "machine", "date"):
         assert card["training"][key], key
     assert card["weights"]["float16_argmax_agreement"] >= 0.999
-    model = kfcn.from_preset(SHIPPED)
+    model = kfcn.from_preset(name)
     assert model.count_params() == card["weights"]["parameters"]
     from kfcn.data.listfile import CAMVID_CLASS_NAMES
 
@@ -231,14 +237,15 @@ def test_shipped_preset_card_matches_its_files():
     not os.path.isfile(os.path.join(REAL_CAMVID, "val.txt")),
     reason="the real CamVid copy (../shared/data/camvid) is absent",
 )
-def test_shipped_preset_scores_its_card_on_real_camvid_val():
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_preset_scores_its_card_on_real_camvid_val(name):
     import kfcn
     from kfcn import evaluation
     from kfcn.data import load_dataset
 
-    card = _shipped_card()
+    card = _shipped_card(name)
     dataset, info = load_dataset("camvid", "val", data_dir=REAL_CAMVID)
-    results = evaluation.evaluate(kfcn.from_preset(SHIPPED), dataset, info, mode="whole")
+    results = evaluation.evaluate(kfcn.from_preset(name), dataset, info, mode="whole")
     assert results["num_images"] == 101
     assert results["mean_iou"] == pytest.approx(card["validation"]["mean_iou"], abs=5e-4)
     for name, value in card["validation"]["whole"]["iou"].items():
@@ -251,15 +258,16 @@ def test_shipped_preset_scores_its_card_on_real_camvid_val():
     not os.path.isfile(os.path.join(REAL_CAMVID, "val.txt")),
     reason="the real CamVid copy (../shared/data/camvid) is absent",
 )
-def test_shipped_preset_scores_its_multiscale_card_figure_on_real_camvid_val():
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_preset_scores_its_multiscale_card_figure_on_real_camvid_val(name):
     import kfcn
     from kfcn import evaluation
     from kfcn.data import load_dataset
 
-    card = _shipped_card()["validation"]["msflip"]
+    card = _shipped_card(name)["validation"]["msflip"]
     scales = tuple(float(s) for s in card["command"].split("--scales ")[1].split(","))
     dataset, info = load_dataset("camvid", "val", data_dir=REAL_CAMVID)
-    model = kfcn.from_preset(SHIPPED)
+    model = kfcn.from_preset(name)
     results = evaluation.evaluate(model, dataset, info, mode="msflip", scales=scales, flip=True)
     assert results["mean_iou"] == pytest.approx(card["mean_iou"], abs=5e-4)
     for name, value in card["iou"].items():
