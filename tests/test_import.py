@@ -18,9 +18,9 @@ def test_unknown_attribute():
     import kfcn
 
     try:
-        kfcn.build_fcn4s  # noqa: B018
+        kfcn.build_fcn_no_such_variant  # noqa: B018
     except AttributeError as error:
-        assert "build_fcn4s" in str(error)
+        assert "build_fcn_no_such_variant" in str(error)
     else:
         raise AssertionError("expected AttributeError")
 
