@@ -61,7 +61,6 @@ _FINAL_UPSCORE = {
 }  # fmt: skip
 # voc-fcn8s-atonce scales pool4 and pool3 before scoring them.
 _AT_ONCE_SCALES = {16: 0.01, 8: 0.0001}
-_AT_ONCE_VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -522,7 +521,7 @@ def build_fcn(
     shape = _check_arguments(
         variant, next(iter(tasks.values())), input_shape, dropout, weights, backbone, modality
     )
-    if at_once and variant not in _AT_ONCE_VARIANTS:
+    if at_once and not set(_SKIPS[variant]) <= set(_AT_ONCE_SCALES):
         raise ValueError(
             "`at_once` is the reference's voc-fcn8s-atonce (pool4 and pool3 scaled); it has "
             f"no pool2 scale for FCN-4s. Received: variant={variant!r}, at_once=True"
