@@ -357,7 +357,7 @@ def _stream(images, trunk, taps, spec, classifier, stream, modality, dropout, be
             4096, 7, padding="same", activation="relu", name=_named("fc6", stream)
         )
         x = keras.layers.Dropout(dropout, name=_named("drop6", stream))(fc6(x))
-        fc7 = keras.layers.Conv2D(4096, 1, activation="relu", name=_named("fc7", stream))
+        fc7 = FullyConnectedConv2D(4096, 1, activation="relu", name=_named("fc7", stream))
         x = keras.layers.Dropout(dropout, name=_named("drop7", stream))(fc7(x))
         if classifier is not None:
             surgery.dense_to_conv(classifier.get_layer(spec.fc_layers[0]), fc6)

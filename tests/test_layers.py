@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kfcn.layers import AlignCrop, FullyConnectedConv2D, PadToMultiple, Scale
+from kfcn.layers import AlignCrop, FullyConnectedConv2D, PadToMultiple, Scale, pointwise_conv
 
 
 @pytest.mark.parametrize("kernel", [(7, 7), (3, 2), (2, 4), (1, 1)])
@@ -23,6 +23,53 @@ def test_fully_connected_conv_equals_convolution(kernel, padding, size):
     layer.set_weights([w, b])
     expected = tf.nn.relu(tf.nn.conv2d(x, w, 1, padding.upper()) + b).numpy()
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [(7, 7), (3, 2), (1, 1)])
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_fully_connected_conv_gradients_equal_convolution_gradients(kernel, padding):
+    # The matmul backward pass against TensorFlow's own convolution gradients,
+    # with an uneven upstream gradient so that every position and channel counts.
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(2, 9, 8, 5)).astype("float32"))
+    w = rng.normal(size=(*kernel, 5, 6)).astype("float32")
+    b = rng.normal(size=(6,)).astype("float32")
+    layer = FullyConnectedConv2D(6, kernel, padding=padding)
+    layer.build(x.shape)
+    layer.set_weights([w, b])
+    kernel_var = tf.Variable(w)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        got = layer(x)
+        expected = tf.nn.conv2d(x, kernel_var, 1, padding.upper()) + b
+    upstream = tf.constant(rng.normal(size=expected.shape).astype("float32"))
+    got_dx, got_dw, got_db = tape.gradient(got, [x, layer.kernel, layer.bias], upstream)
+    dx, dw = tape.gradient(expected, [x, kernel_var], upstream)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_dx.numpy(), dx.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_dw.numpy(), dw.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_db.numpy(), upstream.numpy().sum(axis=(0, 1, 2)), rtol=1e-4)
+
+
+def test_pointwise_conv_gradients_in_a_function_with_unknown_map_size():
+    rng = np.random.default_rng(2)
+    w = tf.Variable(rng.normal(size=(1, 1, 4, 3)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 4))])
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(pointwise_conv(x, w)))
+        return tape.gradient(loss, [x, w])
+
+    x = tf.constant(rng.normal(size=(3, 5, 2, 4)).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(tf.square(tf.nn.conv2d(x, w, 1, "VALID")))
+    for got, expected in zip(grads(x), tape.gradient(loss, [x, w])):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="kernel"):
+        pointwise_conv(x, tf.zeros((3, 3, 4, 3)))
 
 
 def test_fully_connected_conv_rejects_strides():

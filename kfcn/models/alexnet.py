@@ -247,7 +247,7 @@ def AlexNet(  # noqa: N802 - Keras Applications' constructor naming
     x = keras.layers.MaxPooling2D(3, strides=2, padding=padding, name="pool5")(x)
     x = FullyConnectedConv2D(4096, 6, padding=padding, activation="relu", name="fc6")(x)
     x = keras.layers.Dropout(0.5, name="drop6")(x)
-    x = keras.layers.Conv2D(4096, 1, activation="relu", name="fc7")(x)
+    x = FullyConnectedConv2D(4096, 1, activation="relu", name="fc7")(x)
 
     def top(x):
         x = keras.layers.Dropout(0.5, name="drop7")(x)
