@@ -9,7 +9,10 @@ two warm-ups, each a `tf.function`):
 2. (1) plus the gradients of every trainable variable (`GradientTape`), no update;
 3. kfcn's whole step (`make_train_step`: (2), the weight-decay term, the gradient
    norm, the SGD momentum update, the cross-replica reductions), without and with
-   weight decay.
+   weight decay;
+4. the same step with fc6/fc7's 1x1 products differentiated by TensorFlow's own
+   convolution gradients (oneDNN's backward kernels) instead of kfcn's matmuls
+   (`kfcn.layers.pointwise_conv`): what that gradient buys.
 
 Each row is also a fraction of the matmul rate, counting the forward FLOPs once for
 (1) and three times for the others (input and weight gradients). The differences
@@ -19,6 +22,7 @@ between rows are what the optimizer update, the L2 term and the norm cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -80,6 +84,34 @@ def main(argv: list[str] | None = None) -> int:
         dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
         iterator = iter(strategy.experimental_distribute_dataset(dataset))
         rows.append((f"kfcn step, weight_decay {decay:g}", lambda s=step, i=iterator: s(i)[0], 3))
+    import kfcn.layers
+
+    @contextlib.contextmanager
+    def convolution_gradients():
+        # The alternative: the plain convolution, whose gradients are oneDNN's.
+        matmul_gradients = kfcn.layers.pointwise_conv
+        kfcn.layers.pointwise_conv = lambda x, kernel: tf.nn.conv2d(
+            x, tf.cast(tf.convert_to_tensor(kernel), x.dtype), 1, "VALID"
+        )
+        try:
+            yield
+        finally:
+            kfcn.layers.pointwise_conv = matmul_gradients
+
+    with strategy.scope():
+        optimizer = keras.optimizers.SGD(1e-10, momentum=0.9)
+    step = loop.make_train_step(strategy, model, optimizer)
+    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    with convolution_gradients():
+        step(iterator)  # traced with the convolution's gradients
+    rows.append(
+        (
+            "kfcn step, weight_decay 0, fc6/fc7 gradients by the convolution",
+            lambda s=step, i=iterator: s(i)[0],
+            3,
+        )
+    )
     results = []
     for name, fn, multiple in rows:
         timing = common.time_calls(lambda f=fn: f().numpy(), args.repeats, 2)
