@@ -22,7 +22,6 @@ between rows are what the optimizer update, the L2 term and the norm cost.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -76,42 +75,31 @@ def main(argv: list[str] | None = None) -> int:
         grads = tape.gradient(loss, variables)
         return loss + tf.add_n([tf.reduce_sum(g[..., :1]) * 0.0 for g in grads])
 
+    import kfcn.layers
+
+    def convolution(x, kernel):
+        # The alternative to kfcn.layers.pointwise_conv: oneDNN's gradients.
+        return tf.nn.conv2d(x, tf.cast(tf.convert_to_tensor(kernel), x.dtype), 1, "VALID")
+
     rows = [("forward + loss", forward, 1), ("forward + gradients", gradients, 3)]
-    for decay in (0.0, 5e-4):
+    steps = [
+        ("kfcn step, weight_decay 0", 0.0, kfcn.layers.pointwise_conv),
+        ("kfcn step, weight_decay 0.0005", 5e-4, kfcn.layers.pointwise_conv),
+        ("kfcn step, weight_decay 0, fc6/fc7 gradients by the convolution", 0.0, convolution),
+    ]
+    matmul_gradients = kfcn.layers.pointwise_conv
+    for name, decay, pointwise in steps:
         with strategy.scope():
             optimizer = keras.optimizers.SGD(1e-10, momentum=0.9)
         step = loop.make_train_step(strategy, model, optimizer, weight_decay=decay)
         dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
         iterator = iter(strategy.experimental_distribute_dataset(dataset))
-        rows.append((f"kfcn step, weight_decay {decay:g}", lambda s=step, i=iterator: s(i)[0], 3))
-    import kfcn.layers
-
-    @contextlib.contextmanager
-    def convolution_gradients():
-        # The alternative: the plain convolution, whose gradients are oneDNN's.
-        matmul_gradients = kfcn.layers.pointwise_conv
-        kfcn.layers.pointwise_conv = lambda x, kernel: tf.nn.conv2d(
-            x, tf.cast(tf.convert_to_tensor(kernel), x.dtype), 1, "VALID"
-        )
+        kfcn.layers.pointwise_conv = pointwise
         try:
-            yield
+            step(iterator)  # traced with this row's 1x1 gradients
         finally:
             kfcn.layers.pointwise_conv = matmul_gradients
-
-    with strategy.scope():
-        optimizer = keras.optimizers.SGD(1e-10, momentum=0.9)
-    step = loop.make_train_step(strategy, model, optimizer)
-    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    with convolution_gradients():
-        step(iterator)  # traced with the convolution's gradients
-    rows.append(
-        (
-            "kfcn step, weight_decay 0, fc6/fc7 gradients by the convolution",
-            lambda s=step, i=iterator: s(i)[0],
-            3,
-        )
-    )
+        rows.append((name, lambda s=step, i=iterator: s(i)[0], 3))
     results = []
     for name, fn, multiple in rows:
         timing = common.time_calls(lambda f=fn: f().numpy(), args.repeats, 2)
