@@ -2,7 +2,8 @@
 
 Scores the run's model on the validation split as it will ship (weights rounded
 to the preset's float16 storage), on whole images, with test-time flip and with
-several scales and flip (`--msflip_scales`), measures the argmax agreement of the
+several scales and flip (`--msflip_scales`), optionally at one other scale with
+flip (`--single_scale`), measures the argmax agreement of the
 stored weights with the float32 model on every validation pixel, and writes
 `kfcn/preset_files/<name>/` with the model card: the training command, data,
 steps, wall clock, machine and these scores.
@@ -52,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         default="0.75,1.0,1.25,1.5,1.75",
         help="Scales of the card's multi-scale + flip figure (kfcn evaluate --mode msflip).",
     )
+    parser.add_argument(
+        "--single_scale",
+        type=float,
+        default=None,
+        help="Also score one test scale with flip (the card's scale_flip figure, "
+        "kfcn evaluate --mode msflip --scales S), e.g. 1.25.",
+    )
     parser.add_argument("--description", default="")
     parser.add_argument("--architecture", default="")
     parser.add_argument(
@@ -98,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     flip = evaluation.evaluate(model, dataset, info, mode="msflip", scales=(1.0,), flip=True)
     scales = tuple(float(s) for s in args.msflip_scales.split(","))
     msflip = evaluation.evaluate(model, dataset, info, mode="msflip", scales=scales, flip=True)
+    single = None
+    if args.single_scale is not None:
+        single = evaluation.evaluate(
+            model, dataset, info, mode="msflip", scales=(args.single_scale,), flip=True
+        )
+        print(f"{args.single_scale}x with flip mean IU {single['mean_iou']:.4f}")
     print(f"float16 storage argmax agreement {agree / total:.6f} over {total} pixels")
     print(
         f"whole mean IU {whole['mean_iou']:.4f}; flip {flip['mean_iou']:.4f}; "
@@ -148,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             "float16_argmax_agreement": round(agree / total, 6),
         },
     }
+    if single is not None:
+        card["validation"]["scale_flip"] = {
+            "command": f"kfcn evaluate --model {args.name} --dataset {args.dataset} "
+            f"--data_dir DATA --split {args.split} --mode msflip --scales {args.single_scale:g}",
+            **_scores(single),
+        }
     folder = args.output_dir or os.path.join(presets.PRESET_DIR, args.name)
     card = presets.write_preset(model, card, folder)
     size = presets.folder_bytes(folder)

@@ -253,22 +253,42 @@ def test_shipped_preset_scores_its_card_on_real_camvid_val(name):
     print(json.dumps({"mean_iou": results["mean_iou"]}))
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_presets_command_shows_every_scored_mode_of_a_shipped_card(name, capsys):
+    from kfcn.cli import main
+
+    validation = _shipped_card(name)["validation"]
+    assert main(["presets", name]) == 0
+    out = capsys.readouterr().out
+    for mode in ("whole", "flip", "scale_flip", "msflip"):
+        if mode in validation:
+            assert f"{mode}: mean IU {100 * validation[mode]['mean_iou']:.2f} %" in out, mode
+            if "command" in validation[mode]:
+                assert validation[mode]["command"] in out, mode
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.path.isfile(os.path.join(REAL_CAMVID, "val.txt")),
     reason="the real CamVid copy (../shared/data/camvid) is absent",
 )
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_preset_scores_its_multiscale_card_figure_on_real_camvid_val(name):
+def test_shipped_preset_scores_its_multiscale_card_figures_on_real_camvid_val(name):
+    """The 5-scale figure, and the one-scale one (scale_flip) where the card has it."""
     import kfcn
     from kfcn import evaluation
     from kfcn.data import load_dataset
 
-    card = _shipped_card(name)["validation"]["msflip"]
-    scales = tuple(float(s) for s in card["command"].split("--scales ")[1].split(","))
+    validation = _shipped_card(name)["validation"]
     dataset, info = load_dataset("camvid", "val", data_dir=REAL_CAMVID)
     model = kfcn.from_preset(name)
-    results = evaluation.evaluate(model, dataset, info, mode="msflip", scales=scales, flip=True)
-    assert results["mean_iou"] == pytest.approx(card["mean_iou"], abs=5e-4)
-    for name, value in card["iou"].items():
-        assert results["iou"][name] == pytest.approx(value, abs=2e-3), name
+    for key in ("msflip", "scale_flip"):
+        if key not in validation:
+            assert key != "msflip", f"{name}'s card has no msflip figure"
+            continue
+        card = validation[key]
+        scales = tuple(float(s) for s in card["command"].split("--scales ")[1].split(","))
+        results = evaluation.evaluate(model, dataset, info, mode="msflip", scales=scales, flip=True)
+        assert results["mean_iou"] == pytest.approx(card["mean_iou"], abs=5e-4), key
+        for cls, value in card["iou"].items():
+            assert results["iou"][cls] == pytest.approx(value, abs=2e-3), (key, cls)

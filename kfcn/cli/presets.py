@@ -47,7 +47,7 @@ def _card_text(name: str, card: dict) -> str:
         f"wall clock on {training.get('machine', '')} ({training.get('date', '')})",
         f"  validation: {validation.get('data', '')}",
     ]
-    for mode in ("whole", "flip"):
+    for mode in ("whole", "flip", "scale_flip", "msflip"):
         scores = validation.get(mode)
         if scores:
             lines.append(
@@ -55,6 +55,8 @@ def _card_text(name: str, card: dict) -> str:
                 f"{100 * scores['pixel_accuracy']:.2f} %, mean accuracy "
                 f"{100 * scores['mean_accuracy']:.2f} %"
             )
+            if "command" in scores:
+                lines.append(f"      ({scores['command']})")
     weights = card.get("weights", {})
     lines.append(
         f"  weights: {weights.get('parameters')} parameters, {_size_mb(name):.1f} MB; "
