@@ -12,7 +12,9 @@ Kinds:
 - "training": kfcn's own train step (`kfcn.training.loop.make_train_step`, what
   `kfcn train` runs) on a synthetic batch, one_device or mirrored over CPU replicas;
   `"batch_norm": "keras"` times it with Keras's own BatchNormalization instead of the
-  fused one kfcn's builders use (`kfcn.batch_norm`).
+  fused one kfcn's builders use (`kfcn.batch_norm`); `"depthwise_float32": true`
+  keeps the depthwise convolutions in float32 under `mixed_bfloat16`
+  (`float32_depthwise`).
 - "pipeline": `kfcn.data.train_pipeline` on CamVid (skipped when the copy is absent).
 - "litert": the same model through LiteRT float32 / float16 / int8 and TensorFlow.
 """
@@ -103,6 +105,36 @@ def _rates(record: dict[str, Any], flops_per_call: float, seconds: float) -> Non
         record[f"fraction_of_matmul_{dtype}"] = rate / stick["flop_per_s"]
 
 
+def float32_depthwise(model: Any) -> Any:
+    """A copy of `model` whose depthwise convolutions compute in float32.
+
+    Each `DepthwiseConv2D` and the layers named after it (MobileNetV2's
+    `*_depthwise_BN` and `*_depthwise_relu`) get the float32 policy; every other
+    layer keeps its own (e.g. `mixed_bfloat16`), and Keras casts at the borders.
+    The weights are copied.
+
+    Raises:
+        ValueError: `model` has no depthwise convolution.
+    """
+    import keras
+
+    names = [
+        layer.name for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)
+    ]
+    if not names:
+        raise ValueError(f"`model` {model.name!r} has no DepthwiseConv2D layer.")
+
+    def clone(layer):
+        config = layer.get_config()
+        if any(layer.name == n or layer.name.startswith(n + "_") for n in names):
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def _set_policy(precision: str) -> None:
     import keras
 
@@ -179,9 +211,12 @@ def run_training(case: dict[str, Any]) -> list[dict[str, Any]]:
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = build_model(case["model"], (height, width, 3), num_classes)
+            if case.get("depthwise_float32"):
+                model = float32_depthwise(model)
             optimizer = keras.optimizers.SGD(1e-3, momentum=0.9)
         # "keras": Keras's own BatchNormalization, which kfcn's builders replace.
         fuse_batch_norm(model, fused=case.get("batch_norm", "fused") == "fused")
+        record["float32_layers"] = sum(layer.compute_dtype == "float32" for layer in model.layers)
         record["batch_norm_layers"] = sum(
             isinstance(layer, keras.layers.BatchNormalization)
             for layer in model._flatten_layers(include_self=False, recursive=True)
