@@ -39,6 +39,7 @@ _LAZY_ATTRS = {
     "inference_model": "kfcn.dilated_fcn",
     "from_preset": "kfcn.presets",
     "list_presets": "kfcn.presets",
+    "with_input_scale": "kfcn.input_scale",
 }
 _LAZY_MODULES = (
     "backbones",
@@ -53,6 +54,7 @@ _LAZY_MODULES = (
     "fully_convolutional",
     "geometry",
     "heads",
+    "input_scale",
     "layers",
     "losses",
     "metrics",

@@ -855,8 +855,11 @@ def format_results(results: dict[str, Any]) -> str:
         lines += ["", f"{'class':<{width}}  IU (%)  acc (%)"]
         for name, iou in scores["iou"].items():
             lines.append(f"{name:<{width}}  {pct(iou)}  {pct(scores['accuracy'][name])}")
+    scale = results.get("input_scale", 1.0)
+    at = "" if scale == 1.0 else f", input_scale={scale:g}"
     lines.append(
-        f"\n{results['num_images']} images in {results['seconds']:.1f} s (mode={results['mode']})"
+        f"\n{results['num_images']} images in {results['seconds']:.1f} s "
+        f"(mode={results['mode']}{at})"
     )
     return "\n".join(lines)
 

@@ -322,6 +322,45 @@ class ResizeLike(keras.layers.Layer):
         return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[3])
 
 
+@keras.saving.register_keras_serializable(package="kfcn")
+class InputScale(keras.layers.Layer):
+    """Bilinearly resizes images by a fixed factor: the net then runs at that resolution.
+
+    An H x W batch becomes round(scale * H) x round(scale * W) (at least 1 x 1),
+    the size `kfcn.evaluation.predict_msflip` gives each test scale, with
+    half-pixel centres and no antialiasing (one RESIZE_BILINEAR in TFLite).
+    `kfcn.input_scale.with_input_scale` puts it in front of a net and a
+    `ResizeLike` behind it.
+
+    Args:
+        scale: The resize factor, a finite number > 0 (1.0 passes images through).
+    """
+
+    def __init__(self, scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        scale = float(scale)
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"`scale` must be a finite number > 0. Received: scale={scale!r}")
+        self.scale = scale
+
+    def call(self, images):
+        if self.scale == 1.0:
+            return images
+        size = tf.cast(tf.shape(images)[1:3], tf.float32) * self.scale
+        size = tf.maximum(tf.cast(tf.round(size), tf.int32), 1)
+        resized = tf.image.resize(images, size, method="bilinear", antialias=False)
+        return ops.cast(resized, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        def scaled(length):
+            return None if length is None else max(1, round(length * self.scale))
+
+        return (input_shape[0], scaled(input_shape[1]), scaled(input_shape[2]), input_shape[3])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "scale": self.scale}
+
+
 def _int_pair(value) -> tuple[int, int]:
     if np.isscalar(value):
         return (int(value), int(value))

@@ -126,11 +126,32 @@ def _class_info(card: dict[str, Any]) -> Any:
     return class_info_from_dict(card["class_info"])
 
 
-def from_preset(name: str) -> Any:
+def preset_input_scale(name: str, override: float | None = None) -> float:
+    """The input scale preset `name` runs at: `override`, else its card's, else 1.0.
+
+    Raises:
+        PresetError: If `name` is unknown.
+        ValueError: If `override` is not a finite number > 0.
+    """
+    from kfcn.input_scale import check_scale
+
+    if override is not None:
+        return check_scale(override)
+    return check_scale(model_card(name).get("input_scale", 1.0))
+
+
+def from_preset(name: str, input_scale: float | None = None) -> Any:
     """Builds the Keras model of a shipped preset.
+
+    A card with an "input_scale" (e.g. 1.25: the test resolution its scores were
+    measured at) gets the net wrapped by `kfcn.input_scale.with_input_scale`:
+    it takes and returns native-size maps and runs the net at that multiple of
+    the input's height and width.
 
     Args:
         name: A name from `list_presets()`, e.g. "camvid_fcn8s_mobilenetv2".
+        input_scale: Run the net at this scale instead of the card's; 1.0 gives
+            the plain net as trained.
 
     Returns:
         The float32 Keras model with its weights; `model.class_info` is its
@@ -139,6 +160,7 @@ def from_preset(name: str) -> Any:
     Raises:
         PresetError: If `name` is unknown, or the preset's files are missing,
             damaged (SHA-256 mismatch) or do not fit its config.
+        ValueError: If `input_scale` is not a finite number > 0.
     """
     import keras
     import numpy as np
@@ -146,6 +168,7 @@ def from_preset(name: str) -> Any:
     import kfcn.layers  # noqa: F401 - registers kfcn's layers for the config
 
     card = model_card(name)
+    scale = preset_input_scale(name, input_scale)
     folder = _folder(name)
     weights_path = os.path.join(folder, WEIGHTS_FILE)
     expected = card["weights"]["sha256"]
@@ -178,6 +201,10 @@ def from_preset(name: str) -> Any:
                     f"the model expects {tuple(variable.shape)}"
                 )
             variable.assign(value.astype(variable.dtype))
+    if scale != 1.0:
+        from kfcn.input_scale import with_input_scale
+
+        model = with_input_scale(model, scale)
     model.class_info = _class_info(card)
     return model
 
@@ -189,22 +216,27 @@ def cache_dir() -> str:
     )
 
 
-def preset_model_path(name: str) -> str:
+def preset_model_path(name: str, input_scale: float | None = None) -> str:
     """A kfcn `.keras` file of preset `name` (with its class info), written once.
 
-    The file is `<cache_dir()>/presets/<name>-<sha256[:12]>.keras`: a new version
-    of the preset's weights gets a new file. It is written atomically, so
-    concurrent callers and interrupted writes never leave a partial file.
+    The file is `<cache_dir()>/presets/<name>-<sha256[:12]>.keras`, with
+    `-x<scale>` before the suffix when the model runs at an input scale other
+    than 1.0 (`from_preset`): a new version of the preset's weights, or another
+    scale, gets a new file. It is written atomically, so concurrent callers and
+    interrupted writes never leave a partial file.
 
     Raises:
         PresetError: As `from_preset`, or if the cache directory is not writable.
+        ValueError: If `input_scale` is not a finite number > 0.
     """
     card = model_card(name)
+    scale = preset_input_scale(name, input_scale)
+    suffix = "" if scale == 1.0 else f"-x{scale:g}"
     folder = os.path.join(cache_dir(), "presets")
-    path = os.path.join(folder, f"{name}-{card['weights']['sha256'][:12]}.keras")
+    path = os.path.join(folder, f"{name}-{card['weights']['sha256'][:12]}{suffix}.keras")
     if os.path.isfile(path):
         return path
-    model = from_preset(name)
+    model = from_preset(name, input_scale=scale)
     from kfcn.metadata import save_model
 
     try:

@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         help="Also score one test scale with flip (the card's scale_flip figure, "
         "kfcn evaluate --mode msflip --scales S), e.g. 1.25.",
     )
+    parser.add_argument(
+        "--input_scale",
+        type=float,
+        default=1.0,
+        help="The preset runs its net at this multiple of the input's size "
+        "(kfcn.with_input_scale); the card's figures are measured so, the plain net's "
+        "under validation.native. Default: %(default)s.",
+    )
     parser.add_argument("--description", default="")
     parser.add_argument("--architecture", default="")
     parser.add_argument(
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     import kfcn
     from kfcn import evaluation, presets
     from kfcn.data import load_dataset
+    from kfcn.input_scale import with_input_scale
     from kfcn.metadata import read_class_info
 
     model_path = os.path.join(args.run_dir, "model.keras")
@@ -104,19 +113,35 @@ def main(argv: list[str] | None = None) -> int:
 
     whole = evaluation.evaluate(model, dataset, info, mode="whole", on_image=compare)
     flip = evaluation.evaluate(model, dataset, info, mode="msflip", scales=(1.0,), flip=True)
+    print(f"float16 storage argmax agreement {agree / total:.6f} over {total} pixels")
+    native = None
+    shipped = model
+    if args.input_scale != 1.0:
+        # The card's figures are what `kfcn evaluate --model NAME` gives: the net at
+        # its input scale; the plain net's are kept under "native".
+        native = {"whole": whole, "flip": flip}
+        print(f"native: whole mean IU {whole['mean_iou']:.4f}; flip {flip['mean_iou']:.4f}")
+        shipped = with_input_scale(model, args.input_scale)
+        whole = evaluation.evaluate(shipped, dataset, info, mode="whole")
+        flip = evaluation.evaluate(shipped, dataset, info, mode="msflip", scales=(1.0,), flip=True)
     scales = tuple(float(s) for s in args.msflip_scales.split(","))
-    msflip = evaluation.evaluate(model, dataset, info, mode="msflip", scales=scales, flip=True)
+    msflip = evaluation.evaluate(shipped, dataset, info, mode="msflip", scales=scales, flip=True)
     single = None
     if args.single_scale is not None:
         single = evaluation.evaluate(
-            model, dataset, info, mode="msflip", scales=(args.single_scale,), flip=True
+            shipped, dataset, info, mode="msflip", scales=(args.single_scale,), flip=True
         )
         print(f"{args.single_scale}x with flip mean IU {single['mean_iou']:.4f}")
-    print(f"float16 storage argmax agreement {agree / total:.6f} over {total} pixels")
     print(
         f"whole mean IU {whole['mean_iou']:.4f}; flip {flip['mean_iou']:.4f}; "
         f"msflip {args.msflip_scales} {msflip['mean_iou']:.4f}"
     )
+
+    def command(extra: str = "") -> str:
+        return (
+            f"kfcn evaluate --model {args.name} --dataset {args.dataset} --data_dir DATA "
+            f"--split {args.split}{extra}"
+        )
 
     card = {
         "name": args.name,
@@ -144,14 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         "validation": {
             "data": f"{args.dataset} {args.split} split ({whole['num_images']} images, "
             "native size), used to select the checkpoint, never trained on",
-            "command": f"kfcn evaluate --model {args.name} --dataset {args.dataset} "
-            f"--data_dir DATA --split {args.split}",
+            "command": command(),
             "whole": _scores(whole),
             "flip": _scores(flip),
             "msflip": {
-                "command": f"kfcn evaluate --model {args.name} --dataset {args.dataset} "
-                f"--data_dir DATA --split {args.split} --mode msflip --scales "
-                f"{args.msflip_scales}",
+                "command": command(f" --mode msflip --scales {args.msflip_scales}"),
                 **_scores(msflip),
             },
             "mean_iou": round(float(whole["mean_iou"]), 6),
@@ -164,9 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     if single is not None:
         card["validation"]["scale_flip"] = {
-            "command": f"kfcn evaluate --model {args.name} --dataset {args.dataset} "
-            f"--data_dir DATA --split {args.split} --mode msflip --scales {args.single_scale:g}",
+            "command": command(f" --mode msflip --scales {args.single_scale:g}"),
             **_scores(single),
+        }
+    if native is not None:
+        card["input_scale"] = args.input_scale
+        card["validation"]["native"] = {
+            "command": command(" --input_scale 1.0"),
+            "whole": _scores(native["whole"]),
+            "flip": _scores(native["flip"]),
         }
     folder = args.output_dir or os.path.join(presets.PRESET_DIR, args.name)
     card = presets.write_preset(model, card, folder)

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kfcn import presets
 
@@ -201,6 +202,36 @@ def test_presets_command_lists_and_shows_cards(packed, capsys):
     assert len(err) == 1 and "nope" in err[0] and "tiny" in err[0]
 
 
+def test_a_card_input_scale_wraps_the_net_and_names_its_cache_file(tmp_path, monkeypatch, capsys):
+    import kfcn
+    from kfcn.cli import main
+    from kfcn.input_scale import input_scale_of
+
+    monkeypatch.setattr(presets, "PRESET_DIR", str(tmp_path / "preset_files"))
+    monkeypatch.setenv("KFCN_CACHE_DIR", str(tmp_path / "cache"))
+    net = _tiny_fcn8s()
+    presets.write_preset(net, {**_card(), "input_scale": 1.5}, tmp_path / "preset_files" / "tiny")
+    scaled, plain = kfcn.from_preset("tiny"), kfcn.from_preset("tiny", input_scale=1.0)
+    assert input_scale_of(scaled) == 1.5 and input_scale_of(plain) == 1.0
+    assert scaled.class_info.names == plain.class_info.names == NAMES
+    assert [layer.name for layer in plain.layers] == [layer.name for layer in net.layers]
+    image = _scene(64, 96, seed=4)
+    height, width = image.shape[1:3]
+    # The card's scale: the plain net on the 1.5x image, its logits back at 64 x 96.
+    want = tf.image.resize(plain(tf.image.resize(image, (96, 144))), (height, width))
+    np.testing.assert_allclose(np.asarray(scaled(image)), np.asarray(want), atol=1e-4)
+    path = presets.preset_model_path("tiny")
+    assert path.endswith("-x1.5.keras")
+    assert presets.preset_model_path("tiny", input_scale=1.0).endswith(
+        presets.model_card("tiny")["weights"]["sha256"][:12] + ".keras"
+    )
+    assert input_scale_of(kfcn.load_model(path, compile=False)) == 1.5
+    with pytest.raises(ValueError, match="`input_scale` must be a finite number > 0"):
+        kfcn.from_preset("tiny", input_scale=-2)
+    assert main(["presets", "tiny"]) == 0
+    assert "input scale: 1.5 (the net runs at 1.5x" in capsys.readouterr().out
+
+
 # --- the shipped preset ---------------------------------------------------------------
 
 
@@ -248,8 +279,15 @@ def test_shipped_preset_scores_its_card_on_real_camvid_val(name):
     results = evaluation.evaluate(kfcn.from_preset(name), dataset, info, mode="whole")
     assert results["num_images"] == 101
     assert results["mean_iou"] == pytest.approx(card["validation"]["mean_iou"], abs=5e-4)
-    for name, value in card["validation"]["whole"]["iou"].items():
-        assert results["iou"][name] == pytest.approx(value, abs=2e-3), name
+    for cls, value in card["validation"]["whole"]["iou"].items():
+        assert results["iou"][cls] == pytest.approx(value, abs=2e-3), cls
+    native = card["validation"].get("native")
+    if card.get("input_scale", 1.0) != 1.0:  # the plain net's figures, on the card too
+        plain = kfcn.from_preset(name, input_scale=1.0)
+        results = evaluation.evaluate(plain, dataset, info, mode="whole")
+        assert results["mean_iou"] == pytest.approx(native["whole"]["mean_iou"], abs=5e-4)
+    else:
+        assert native is None
     print(json.dumps({"mean_iou": results["mean_iou"]}))
 
 
@@ -274,7 +312,7 @@ def test_presets_command_shows_every_scored_mode_of_a_shipped_card(name, capsys)
 )
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_preset_scores_its_multiscale_card_figures_on_real_camvid_val(name):
-    """The 5-scale figure, and the one-scale one (scale_flip) where the card has it."""
+    """The flip and 5-scale figures, and the one-scale one (scale_flip) where the card has it."""
     import kfcn
     from kfcn import evaluation
     from kfcn.data import load_dataset
@@ -282,12 +320,14 @@ def test_shipped_preset_scores_its_multiscale_card_figures_on_real_camvid_val(na
     validation = _shipped_card(name)["validation"]
     dataset, info = load_dataset("camvid", "val", data_dir=REAL_CAMVID)
     model = kfcn.from_preset(name)
-    for key in ("msflip", "scale_flip"):
+    for key in ("flip", "msflip", "scale_flip"):
         if key not in validation:
             assert key != "msflip", f"{name}'s card has no msflip figure"
             continue
         card = validation[key]
-        scales = tuple(float(s) for s in card["command"].split("--scales ")[1].split(","))
+        scales = (1.0,)
+        if key != "flip":
+            scales = tuple(float(s) for s in card["command"].split("--scales ")[1].split(","))
         results = evaluation.evaluate(model, dataset, info, mode="msflip", scales=scales, flip=True)
         assert results["mean_iou"] == pytest.approx(card["mean_iou"], abs=5e-4), key
         for cls, value in card["iou"].items():

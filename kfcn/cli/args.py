@@ -231,6 +231,39 @@ def model_path(flag: str):
     return check
 
 
+def add_input_scale(parser: argparse.ArgumentParser) -> None:
+    """The `--input_scale` flag of the commands that take a `--model`."""
+    parser.add_argument(
+        "--input_scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="Run the net at S times each image's height and width, its logits resized back "
+        "(kfcn.with_input_scale; a .keras model or a preset). Default: the model's own, which "
+        "for a preset is its card's input_scale; 1.0 gives the plain net.",
+    )
+
+
+def apply_input_scale(args: argparse.Namespace) -> None:
+    """Points `args.model` at the model rescaled to `--input_scale`, if given.
+
+    The rescaled file is written once to the cache (`kfcn.input_scale.scaled_model_file`).
+
+    Raises:
+        UsageError: naming `--model` or `--input_scale`.
+    """
+    if getattr(args, "input_scale", None) is None:
+        return
+    if not os.path.exists(args.model):
+        raise UsageError(f"--model: {args.model!r} does not exist.")
+    from kfcn.input_scale import scaled_model_file
+
+    try:
+        args.model = scaled_model_file(args.model, args.input_scale)
+    except ValueError as error:
+        raise UsageError(f"--input_scale: {error}") from error
+
+
 def read_settings_file(path: str) -> dict[str, Any]:
     """Reads a YAML or JSON settings file (a mapping of flag name to value).
 

@@ -28,7 +28,16 @@ import os
 import sys
 from typing import Any
 
-from kfcn.cli.args import add_bool, existing_path, model_path, names_type, scales_type, size_type
+from kfcn.cli.args import (
+    add_bool,
+    add_input_scale,
+    apply_input_scale,
+    existing_path,
+    model_path,
+    names_type,
+    scales_type,
+    size_type,
+)
 from kfcn.cli.errors import CommandError, UsageError
 from kfcn.data import DATASETS
 from kfcn.training.config import MODALITIES
@@ -95,6 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=model_path("model"),
         help="The model (.keras) to evaluate, or a preset name (e.g. camvid_fcn8s_mobilenetv2).",
     )
+    add_input_scale(parser)
     add_dataset_arguments(parser)
     test = parser.add_argument_group("test mode")
     test.add_argument(
@@ -400,6 +410,7 @@ def _write_output_dir(
 def run(args: argparse.Namespace) -> int:
     """Evaluates `--model` on the dataset split; prints and writes the scores."""
     _check_args(args)
+    apply_input_scale(args)
     model = load_inference_model(args.model)
     dataset, info = load_dataset_flags(args)
 
@@ -408,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kfcn import evaluation
+    from kfcn.input_scale import input_scale_of
 
     try:
         evaluation.check_num_classes(model, info.num_classes)
@@ -447,6 +459,7 @@ def run(args: argparse.Namespace) -> int:
             on_image=on_image,
         )
     results["model"] = os.path.abspath(args.model)
+    results["input_scale"] = input_scale_of(model)
     results["dataset"] = args.dataset
     results["split"] = args.split
     print(evaluation.format_results(results))

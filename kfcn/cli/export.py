@@ -22,7 +22,14 @@ import argparse
 import os
 from typing import Any
 
-from kfcn.cli.args import add_bool, model_path, parse_size, size_type
+from kfcn.cli.args import (
+    add_bool,
+    add_input_scale,
+    apply_input_scale,
+    model_path,
+    parse_size,
+    size_type,
+)
 from kfcn.cli.errors import CommandError, UsageError
 
 HELP = "Export to SavedModel, TF Serving, TFLite or ONNX."
@@ -63,6 +70,7 @@ def _common(parser: argparse.ArgumentParser, output_help: str | None) -> None:
         type=model_path("model"),
         help="kfcn model (.keras) to export, or a preset name (e.g. camvid_fcn8s_mobilenetv2).",
     )
+    add_input_scale(parser)
     if output_help:
         parser.add_argument("--output", required=True, help=output_help)
     add_bool(parser, "overwrite", False, "Replace an existing output")
@@ -228,6 +236,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exports `--model` in `args.format`; prints where it went."""
     _check_args(args)
+    apply_input_scale(args)
     model = load_model_flag(args.model)
     from kfcn.metadata import read_class_info
 

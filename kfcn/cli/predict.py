@@ -34,7 +34,14 @@ import argparse
 import os
 import sys
 
-from kfcn.cli.args import add_bool, model_path, scales_type, size_type
+from kfcn.cli.args import (
+    add_bool,
+    add_input_scale,
+    apply_input_scale,
+    model_path,
+    scales_type,
+    size_type,
+)
 from kfcn.cli.errors import CommandError, UsageError
 
 HELP = "Segment image files, folders or globs."
@@ -56,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "latest version) or a .tflite file, written by kfcn; or a preset name "
         "(kfcn.list_presets(), e.g. camvid_fcn8s_mobilenetv2).",
     )
+    add_input_scale(parser)
     parser.add_argument(
         "--output_dir", required=True, help="Where the results go (created if missing)."
     )
@@ -142,6 +150,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs `kfcn predict`; returns 0, or raises for the dispatcher's one-line error."""
     _check(args)
+    apply_input_scale(args)
     from kfcn import predict  # TensorFlow and PIL load here, not at --help
 
     try:

@@ -33,6 +33,21 @@ def _size_mb(name: str) -> float:
     return presets.folder_bytes(os.path.join(presets.PRESET_DIR, name)) / 1e6
 
 
+def _scores_text(block: dict, modes: tuple[str, ...], indent: str) -> list[str]:
+    lines = []
+    for mode in modes:
+        scores = block.get(mode)
+        if scores:
+            lines.append(
+                f"{indent}{mode}: mean IU {100 * scores['mean_iou']:.2f} %, pixel accuracy "
+                f"{100 * scores['pixel_accuracy']:.2f} %, mean accuracy "
+                f"{100 * scores['mean_accuracy']:.2f} %"
+            )
+            if "command" in scores:
+                lines.append(f"{indent}  ({scores['command']})")
+    return lines
+
+
 def _card_text(name: str, card: dict) -> str:
     training, validation = card.get("training", {}), card.get("validation", {})
     names = card.get("class_info", {}).get("names", [])
@@ -47,16 +62,18 @@ def _card_text(name: str, card: dict) -> str:
         f"wall clock on {training.get('machine', '')} ({training.get('date', '')})",
         f"  validation: {validation.get('data', '')}",
     ]
-    for mode in ("whole", "flip", "scale_flip", "msflip"):
-        scores = validation.get(mode)
-        if scores:
-            lines.append(
-                f"    {mode}: mean IU {100 * scores['mean_iou']:.2f} %, pixel accuracy "
-                f"{100 * scores['pixel_accuracy']:.2f} %, mean accuracy "
-                f"{100 * scores['mean_accuracy']:.2f} %"
-            )
-            if "command" in scores:
-                lines.append(f"      ({scores['command']})")
+    scale = card.get("input_scale", 1.0)
+    if scale != 1.0:
+        lines.insert(
+            4,
+            f"  input scale: {scale:g} (the net runs at {scale:g}x each image's height and "
+            "width, logits resized back; --input_scale 1.0 for the plain net)",
+        )
+    lines += _scores_text(validation, ("whole", "flip", "scale_flip", "msflip"), "    ")
+    native = validation.get("native")
+    if native:
+        lines.append(f"    plain net, input scale 1 ({native.get('command', '')}):")
+        lines += _scores_text(native, ("whole", "flip"), "      ")
     weights = card.get("weights", {})
     lines.append(
         f"  weights: {weights.get('parameters')} parameters, {_size_mb(name):.1f} MB; "
