@@ -40,6 +40,7 @@ _LAZY_ATTRS = {
     "from_preset": "kfcn.presets",
     "list_presets": "kfcn.presets",
     "with_input_scale": "kfcn.input_scale",
+    "with_logit_adjustment": "kfcn.logit_adjustment",
 }
 _LAZY_MODULES = (
     "backbones",
@@ -56,6 +57,7 @@ _LAZY_MODULES = (
     "heads",
     "input_scale",
     "layers",
+    "logit_adjustment",
     "losses",
     "metrics",
     "modality",

@@ -101,6 +101,7 @@ def with_input_scale(model: Any, scale: float) -> Any:
     from keras import tree
 
     from kfcn.layers import InputScale, ResizeLike
+    from kfcn.surgery import copy_matching_layers
 
     scale = check_scale(scale, "scale")
     if not isinstance(model, keras.Model) or not hasattr(model, "inputs"):
@@ -130,14 +131,13 @@ def with_input_scale(model: Any, scale: float) -> Any:
         args, kwargs = tree.map_structure(lambda t: scaled if t is inputs else t, (args, kwargs))
         return layer(*args, **kwargs)
 
-    copy = keras.models.clone_model(model, input_tensors=inputs, call_function=call)
+    given = [inputs] if isinstance(model.input, (list, tuple)) else inputs
+    copy = keras.models.clone_model(model, input_tensors=given, call_function=call)
     outputs = copy.outputs[0]
     if scale != 1.0:
         outputs = ResizeLike(name=OUTPUT_LAYER_NAME)([outputs, inputs])
     result = keras.Model(inputs, outputs, name=model.name)
-    for layer in result.layers:
-        if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
+    copy_matching_layers(model, result, "model")
     if getattr(model, "class_info", None) is not None:
         result.class_info = model.class_info
     return result

@@ -361,6 +361,38 @@ class InputScale(keras.layers.Layer):
         return {**super().get_config(), "scale": self.scale}
 
 
+@keras.saving.register_keras_serializable(package="kfcn")
+class LogitAdjustment(keras.layers.Layer):
+    """Adds a fixed offset to each class's logit (post-hoc logit adjustment).
+
+    Menon et al., "Long-tail learning via logit adjustment" (ICLR 2021): a net
+    trained with class weights w learns scores shifted by log w; adding
+    -tau * log w (`kfcn.logit_adjustment.class_weight_offsets`) takes part or
+    all of that shift back at test time. One ADD of a constant in TFLite.
+
+    Args:
+        offsets: One finite number per class (the last axis of the logits).
+    """
+
+    def __init__(self, offsets=(), **kwargs):
+        super().__init__(**kwargs)
+        offsets = [float(v) for v in offsets]
+        if not offsets or not np.all(np.isfinite(offsets)):
+            raise ValueError(
+                f"`offsets` must be finite numbers, one per class. Received: offsets={offsets!r}"
+            )
+        self.offsets = offsets
+
+    def call(self, logits):
+        return logits + ops.cast(np.asarray(self.offsets, np.float32), logits.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "offsets": list(self.offsets)}
+
+
 def _int_pair(value) -> tuple[int, int]:
     if np.isscalar(value):
         return (int(value), int(value))

@@ -38,6 +38,34 @@ def _scores(results: dict) -> dict:
     return out
 
 
+def _class_weight_adjustment(args: argparse.Namespace, result: dict) -> dict:
+    """The card's logit_adjustment: tau, the run's class weights and their offsets."""
+    import yaml
+
+    from kfcn import losses
+    from kfcn.data import load_dataset
+    from kfcn.logit_adjustment import class_weight_offsets
+    from kfcn.training.config import CLASS_WEIGHT_POWERS
+
+    with open(os.path.join(args.run_dir, "config.yaml"), encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    weighting = config.get("class_weighting", "none")
+    if weighting not in CLASS_WEIGHT_POWERS:
+        sys.exit(f"--logit_adjustment: the run trained with class_weighting={weighting!r}")
+    split = config.get("train_split") or "train"
+    train, info = load_dataset(config["dataset"], split, data_dir=args.data_dir)
+    weights = losses.median_frequency_weights(
+        train, info.num_classes, info.ignore_label, power=CLASS_WEIGHT_POWERS[weighting]
+    )
+    offsets = class_weight_offsets(weights, args.logit_adjustment)
+    return {
+        "tau": args.logit_adjustment,
+        "class_weighting": f"{weighting}, from the {split} split",
+        "class_weights": [round(float(w), 6) for w in weights],
+        "offsets": [round(float(v), 6) for v in offsets],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run_dir", required=True, help="A finished kfcn train run directory.")
@@ -68,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         "(kfcn.with_input_scale); the card's figures are measured so, the plain net's "
         "under validation.native. Default: %(default)s.",
     )
+    parser.add_argument(
+        "--logit_adjustment",
+        type=float,
+        default=None,
+        metavar="TAU",
+        help="Append kfcn.logit_adjustment's score_adjust layer: -TAU * log(w) for the class "
+        "weights w the run trained with (recomputed from its training split), recorded in "
+        "the card. Default: none.",
+    )
     parser.add_argument("--description", default="")
     parser.add_argument("--architecture", default="")
     parser.add_argument(
@@ -79,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from kfcn import evaluation, presets
     from kfcn.data import load_dataset
     from kfcn.input_scale import with_input_scale
+    from kfcn.logit_adjustment import with_logit_adjustment
     from kfcn.metadata import read_class_info
 
     model_path = os.path.join(args.run_dir, "model.keras")
@@ -92,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.use_best:
         model.load_weights(os.path.join(args.run_dir, "best.weights.h5"))
         step = result["best"]["step"]
+
+    adjustment = None
+    if args.logit_adjustment is not None:
+        adjustment = _class_weight_adjustment(args, result)
+        model = with_logit_adjustment(model, adjustment["offsets"])
+        print(f"logit adjustment tau {args.logit_adjustment}: offsets {adjustment['offsets']}")
 
     # The shipped weights: float16-rounded where stored so, as from_preset loads them.
     stored = presets.storage_arrays(model)
@@ -189,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": command(f" --mode msflip --scales {args.single_scale:g}"),
             **_scores(single),
         }
+    if adjustment is not None:
+        card["logit_adjustment"] = adjustment
     if native is not None:
         card["input_scale"] = args.input_scale
         card["validation"]["native"] = {

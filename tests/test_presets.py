@@ -232,6 +232,24 @@ def test_a_card_input_scale_wraps_the_net_and_names_its_cache_file(tmp_path, mon
     assert "input scale: 1.5 (the net runs at 1.5x" in capsys.readouterr().out
 
 
+def test_a_logit_adjusted_preset_keeps_its_offsets(tmp_path, monkeypatch, capsys):
+    import kfcn
+    from kfcn.cli import main
+    from kfcn.logit_adjustment import offsets_of, with_logit_adjustment
+
+    monkeypatch.setattr(presets, "PRESET_DIR", str(tmp_path / "preset_files"))
+    monkeypatch.setenv("KFCN_CACHE_DIR", str(tmp_path / "cache"))
+    net = with_logit_adjustment(_tiny_fcn8s(), [0.5, -0.25, 0.0])
+    card = {**_card(), "logit_adjustment": {"tau": 0.5, "class_weighting": "test weights"}}
+    presets.write_preset(net, card, tmp_path / "preset_files" / "tiny")
+    loaded = kfcn.from_preset("tiny")
+    np.testing.assert_allclose(offsets_of(loaded), [0.5, -0.25, 0.0])
+    image = _scene(64, 96, seed=5)
+    np.testing.assert_allclose(np.asarray(loaded(image)), np.asarray(net(image)), atol=2e-2)
+    assert main(["presets", "tiny"]) == 0
+    assert "logit adjustment: tau 0.5 (score_adjust adds" in capsys.readouterr().out
+
+
 # --- the shipped preset ---------------------------------------------------------------
 
 

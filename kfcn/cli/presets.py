@@ -69,6 +69,13 @@ def _card_text(name: str, card: dict) -> str:
             f"  input scale: {scale:g} (the net runs at {scale:g}x each image's height and "
             "width, logits resized back; --input_scale 1.0 for the plain net)",
         )
+    adjustment = card.get("logit_adjustment")
+    if adjustment:
+        lines.insert(
+            4,
+            f"  logit adjustment: tau {adjustment.get('tau')} (score_adjust adds -tau * log w for "
+            f"the training class weights w: {adjustment.get('class_weighting', '')})",
+        )
     lines += _scores_text(validation, ("whole", "flip", "scale_flip", "msflip"), "    ")
     native = validation.get("native")
     if native:
