@@ -3,7 +3,11 @@
 Scores the run's model on the validation split as it will ship (weights rounded
 to the preset's float16 storage), on whole images, with test-time flip and with
 several scales and flip (`--msflip_scales`), optionally at one other scale with
-flip (`--single_scale`), measures the argmax agreement of the
+flip (`--single_scale`); with `--input_scale S` the preset runs its net at S
+times the input's size (`kfcn.with_input_scale`, the plain net's figures kept
+under validation.native), and with `--logit_adjustment TAU` it takes TAU of the
+run's class weights back out of the scores (`kfcn.logit_adjustment`, the weights
+recomputed from the run's training split). It measures the argmax agreement of the
 stored weights with the float32 model on every validation pixel, and writes
 `kfcn/preset_files/<name>/` with the model card: the training command, data,
 steps, wall clock, machine and these scores.
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "native size), used to select the checkpoint, never trained on",
             "command": command(),
             "whole": _scores(whole),
-            "flip": _scores(flip),
+            "flip": {"command": command(" --mode msflip --scales 1.0"), **_scores(flip)},
             "msflip": {
                 "command": command(f" --mode msflip --scales {args.msflip_scales}"),
                 **_scores(msflip),
@@ -240,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         card["validation"]["native"] = {
             "command": command(" --input_scale 1.0"),
             "whole": _scores(native["whole"]),
-            "flip": _scores(native["flip"]),
+            "flip": {
+                "command": command(" --input_scale 1.0 --mode msflip --scales 1.0"),
+                **_scores(native["flip"]),
+            },
         }
     folder = args.output_dir or os.path.join(presets.PRESET_DIR, args.name)
     card = presets.write_preset(model, card, folder)

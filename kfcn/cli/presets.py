@@ -79,7 +79,7 @@ def _card_text(name: str, card: dict) -> str:
     lines += _scores_text(validation, ("whole", "flip", "scale_flip", "msflip"), "    ")
     native = validation.get("native")
     if native:
-        lines.append(f"    plain net, input scale 1 ({native.get('command', '')}):")
+        lines.append(f"    at input scale 1 ({native.get('command', '')}):")
         lines += _scores_text(native, ("whole", "flip"), "      ")
     weights = card.get("weights", {})
     lines.append(
