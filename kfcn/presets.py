@@ -101,7 +101,9 @@ def list_presets() -> dict[str, dict[str, Any]]:
     Each card holds "description", "architecture", "class_info", "training"
     (the command, data, steps, wall-clock minutes, machine, date),
     "validation" (the val split's scores, also with test-time flip) and
-    "weights" (file, SHA-256, parameters, float16 argmax agreement).
+    "weights" (file, SHA-256, parameters, float16 argmax agreement); where
+    set, "input_scale" (applied by `from_preset`) and "logit_adjustment" (tau
+    and the class weights behind the net's "score_adjust" layer).
     """
     return {name: model_card(name) for name in preset_names()}
 
