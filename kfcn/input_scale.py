@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from typing import Any
@@ -156,7 +155,7 @@ def scaled_model_file(path: str | os.PathLike, scale: float) -> str:
             `.keras` file, then export it).
     """
     from kfcn import metadata
-    from kfcn.presets import cache_dir
+    from kfcn.presets import cache_dir, file_sha256
 
     scale = check_scale(scale)
     path = os.fspath(path)
@@ -165,14 +164,9 @@ def scaled_model_file(path: str | os.PathLike, scale: float) -> str:
             f"a model is rescaled from a .keras file or a preset; {path!r} is not a .keras "
             "file (rescale the .keras model, then export it)"
         )
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     stem = os.path.splitext(os.path.basename(path))[0]
-    target = os.path.join(
-        cache_dir(), "scaled", f"{stem}-{digest.hexdigest()[:12]}-x{scale:g}.keras"
-    )
+    name = f"{stem}-{file_sha256(path)[:12]}-x{scale:g}.keras"
+    target = os.path.join(cache_dir(), "scaled", name)
     if os.path.isfile(target):
         return target
     import kfcn

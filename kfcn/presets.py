@@ -114,7 +114,8 @@ def folder_bytes(folder: str | os.PathLike) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -128,18 +129,11 @@ def _class_info(card: dict[str, Any]) -> Any:
     return class_info_from_dict(card["class_info"])
 
 
-def preset_input_scale(name: str, override: float | None = None) -> float:
-    """The input scale preset `name` runs at: `override`, else its card's, else 1.0.
-
-    Raises:
-        PresetError: If `name` is unknown.
-        ValueError: If `override` is not a finite number > 0.
-    """
+def _input_scale(card: dict[str, Any], override: float | None) -> float:
+    """The input scale a preset runs at: `override`, else its card's, else 1.0."""
     from kfcn.input_scale import check_scale
 
-    if override is not None:
-        return check_scale(override)
-    return check_scale(model_card(name).get("input_scale", 1.0))
+    return check_scale(card.get("input_scale", 1.0) if override is None else override)
 
 
 def from_preset(name: str, input_scale: float | None = None) -> Any:
@@ -170,12 +164,12 @@ def from_preset(name: str, input_scale: float | None = None) -> Any:
     import kfcn.layers  # noqa: F401 - registers kfcn's layers for the config
 
     card = model_card(name)
-    scale = preset_input_scale(name, input_scale)
+    scale = _input_scale(card, input_scale)
     folder = _folder(name)
     weights_path = os.path.join(folder, WEIGHTS_FILE)
     expected = card["weights"]["sha256"]
     try:
-        actual = _sha256(weights_path)
+        actual = file_sha256(weights_path)
         with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as handle:
             config = handle.read()
     except OSError as error:
@@ -232,7 +226,7 @@ def preset_model_path(name: str, input_scale: float | None = None) -> str:
         ValueError: If `input_scale` is not a finite number > 0.
     """
     card = model_card(name)
-    scale = preset_input_scale(name, input_scale)
+    scale = _input_scale(card, input_scale)
     suffix = "" if scale == 1.0 else f"-x{scale:g}"
     folder = os.path.join(cache_dir(), "presets")
     path = os.path.join(folder, f"{name}-{card['weights']['sha256'][:12]}{suffix}.keras")
@@ -309,7 +303,7 @@ def write_preset(model: Any, card: dict[str, Any], folder: str | os.PathLike) ->
     card.setdefault("weights", {})
     card["weights"].update(
         file=WEIGHTS_FILE,
-        sha256=_sha256(weights_path),
+        sha256=file_sha256(weights_path),
         parameters=int(model.count_params()),
     )
     write_json_atomically(card, os.path.join(folder, CARD_FILE))

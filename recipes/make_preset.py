@@ -42,7 +42,7 @@ def _scores(results: dict) -> dict:
     return out
 
 
-def _class_weight_adjustment(args: argparse.Namespace, result: dict) -> dict:
+def _class_weight_adjustment(args: argparse.Namespace) -> dict:
     """The card's logit_adjustment: tau, the run's class weights and their offsets."""
     import yaml
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     adjustment = None
     if args.logit_adjustment is not None:
-        adjustment = _class_weight_adjustment(args, result)
+        adjustment = _class_weight_adjustment(args)
         model = with_logit_adjustment(model, adjustment["offsets"])
         print(f"logit adjustment tau {args.logit_adjustment}: offsets {adjustment['offsets']}")
 

@@ -250,12 +250,10 @@ def apply_input_scale(args: argparse.Namespace) -> None:
     The rescaled file is written once to the cache (`kfcn.input_scale.scaled_model_file`).
 
     Raises:
-        UsageError: naming `--model` or `--input_scale`.
+        UsageError: naming `--input_scale`.
     """
     if getattr(args, "input_scale", None) is None:
         return
-    if not os.path.exists(args.model):
-        raise UsageError(f"--model: {args.model!r} does not exist.")
     from kfcn.input_scale import scaled_model_file
 
     try:
