@@ -14,7 +14,7 @@ Kinds:
   `"batch_norm": "keras"` times it with Keras's own BatchNormalization instead of the
   fused one kfcn's builders use (`kfcn.batch_norm`); `"depthwise_float32": true`
   keeps the depthwise convolutions in float32 under `mixed_bfloat16`
-  (`float32_depthwise`).
+  (`kfcn.precision.float32_depthwise`).
 - "pipeline": `kfcn.data.train_pipeline` on CamVid (skipped when the copy is absent).
 - "litert": the same model through LiteRT float32 / float16 / int8 and TensorFlow.
 """
@@ -105,36 +105,6 @@ def _rates(record: dict[str, Any], flops_per_call: float, seconds: float) -> Non
         record[f"fraction_of_matmul_{dtype}"] = rate / stick["flop_per_s"]
 
 
-def float32_depthwise(model: Any) -> Any:
-    """A copy of `model` whose depthwise convolutions compute in float32.
-
-    Each `DepthwiseConv2D` and the layers named after it (MobileNetV2's
-    `*_depthwise_BN` and `*_depthwise_relu`) get the float32 policy; every other
-    layer keeps its own (e.g. `mixed_bfloat16`), and Keras casts at the borders.
-    The weights are copied.
-
-    Raises:
-        ValueError: `model` has no depthwise convolution.
-    """
-    import keras
-
-    names = [
-        layer.name for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)
-    ]
-    if not names:
-        raise ValueError(f"`model` {model.name!r} has no DepthwiseConv2D layer.")
-
-    def clone(layer):
-        config = layer.get_config()
-        if any(layer.name == n or layer.name.startswith(n + "_") for n in names):
-            config["dtype"] = "float32"
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def _set_policy(precision: str) -> None:
     import keras
 
@@ -192,6 +162,7 @@ def run_training(case: dict[str, Any]) -> list[dict[str, Any]]:
     import tensorflow as tf
 
     from kfcn.batch_norm import fuse_batch_norm
+    from kfcn.precision import float32_depthwise
     from kfcn.training import loop
     from kfcn.training import strategy as strategy_lib
 

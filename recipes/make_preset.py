@@ -7,7 +7,8 @@ flip (`--single_scale`); with `--input_scale S` the preset runs its net at S
 times the input's size (`kfcn.with_input_scale`, the plain net's figures kept
 under validation.native), and with `--logit_adjustment TAU` it takes TAU of the
 run's class weights back out of the scores (`kfcn.logit_adjustment`, the weights
-recomputed from the run's training split). It measures the argmax agreement of the
+recomputed from the run's training split); a run trained with `kfcn train
+--input_scale S --logit_adjustment TAU` gives both by default. It measures the argmax agreement of the
 stored weights with the float32 model on every validation pixel, and writes
 `kfcn/preset_files/<name>/` with the model card: the training command, data,
 steps, wall clock, machine and these scores.
@@ -70,6 +71,18 @@ def _class_weight_adjustment(args: argparse.Namespace) -> dict:
     }
 
 
+def _settle_test_time(args: argparse.Namespace) -> None:
+    """--input_scale and --logit_adjustment, defaulting to the run's own settings."""
+    import yaml
+
+    with open(os.path.join(args.run_dir, "config.yaml"), encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    if args.input_scale is None:
+        args.input_scale = float(config.get("input_scale") or 1.0)
+    if args.logit_adjustment is None and config.get("logit_adjustment"):
+        args.logit_adjustment = float(config["logit_adjustment"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run_dir", required=True, help="A finished kfcn train run directory.")
@@ -95,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--input_scale",
         type=float,
-        default=1.0,
+        default=None,
         help="The preset runs its net at this multiple of the input's size "
         "(kfcn.with_input_scale); the card's figures are measured so, the plain net's "
-        "under validation.native. Default: %(default)s.",
+        "under validation.native. Default: the run's --input_scale (1.0 if none).",
     )
     parser.add_argument(
         "--logit_adjustment",
@@ -107,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TAU",
         help="Append kfcn.logit_adjustment's score_adjust layer: -TAU * log(w) for the class "
         "weights w the run trained with (recomputed from its training split), recorded in "
-        "the card. Default: none.",
+        "the card. Default: the run's --logit_adjustment (none if 0).",
     )
     parser.add_argument("--description", default="")
     parser.add_argument("--architecture", default="")
@@ -123,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     from kfcn.logit_adjustment import with_logit_adjustment
     from kfcn.metadata import read_class_info
 
+    _settle_test_time(args)
     model_path = os.path.join(args.run_dir, "model.keras")
+    # The plain net (a run with test-time settings saved it wrapped): best.weights.h5
+    # holds the plain net's weights, and the settings are applied again below.
     model = kfcn.load_model(model_path, compile=False)
+    model = with_logit_adjustment(with_input_scale(model, 1.0), None)
     info_classes = read_class_info(model_path)
     if info_classes is None:
         sys.exit(f"{model_path} carries no class names; save it with kfcn.metadata.save_model")

@@ -329,23 +329,3 @@ def test_training_case_with_float32_depthwise_convolutions():
     assert plain["float32_layers"] == 1 and kept["float32_layers"] == 1 + 17 * 3
     assert kept["flops_per_image"] == plain["flops_per_image"]
     assert keras.config.dtype_policy().name == "float32"
-
-
-def test_float32_depthwise_keeps_weights_and_refuses_nets_without_depthwise():
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        model = cases.build_model("fcn8s:mobilenetv2", (32, 32, 3), 3)
-    finally:
-        keras.config.set_dtype_policy("float32")
-    copy = cases.float32_depthwise(model)
-    dtypes = {layer.name: layer.compute_dtype for layer in copy.layers}
-    assert dtypes["block_1_depthwise"] == dtypes["block_1_depthwise_BN"] == "float32"
-    assert dtypes["block_1_depthwise_relu"] == "float32"
-    assert dtypes["block_1_project"] == dtypes["block_1_expand"] == "bfloat16"
-    for a, b in zip(model.weights, copy.weights):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
-    assert np.isfinite(np.asarray(copy(images), np.float32)).all()
-    plain = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3)])
-    with pytest.raises(ValueError, match="no DepthwiseConv2D"):
-        cases.float32_depthwise(plain)

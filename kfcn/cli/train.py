@@ -36,6 +36,7 @@ from kfcn.cli.args import (
     names_type,
     parse_with_config,
     range_type,
+    scales_type,
     size_type,
 )
 from kfcn.cli.errors import UsageError
@@ -302,6 +303,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_bool(
         parser,
+        "float32_depthwise",
+        False,
+        "With --mixed_precision: depthwise convolutions, their batch norm and activation "
+        "in float32 (MobileNetV2 on CPU: faster than all-bfloat16)",
+    )
+    add_bool(
+        parser,
         "jit_compile",
         False,
         "Compile the train step with XLA (one replica; measure first: slower for "
@@ -310,7 +318,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Bookkeeping.
     flag("eval_every", "Validate every N steps (0: every epoch) and at the end.", type=int)
     flag("max_eval_images", "Validate on at most N images (default: all).", type=int)
-    flag("val_mode", "Validation on whole images or slide windows.", choices=VAL_MODES)
+    flag(
+        "val_mode",
+        "Validation on whole images, slide windows or msflip (--val_scales, --val_flip).",
+        choices=VAL_MODES,
+    )
     flag(
         "val_crop_size",
         "slide: window HxW (mmseg Cityscapes 769x769: 769).",
@@ -322,6 +334,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "slide: window stride HxW (mmseg: 513; default: 2/3 of the window).",
         type=_optional_size("val_stride"),
         metavar="HxW",
+    )
+    flag(
+        "val_scales",
+        "msflip: resize factors, e.g. 1.0 (flip alone) or 0.75,1.0,1.25.",
+        type=scales_type("val_scales"),
+        metavar="S,...",
+    )
+    add_bool(parser, "val_flip", True, "msflip: also predict the mirrored images")
+    flag(
+        "input_scale",
+        "Validate and save the net run at this multiple of the input's size "
+        "(kfcn.with_input_scale), e.g. 1.25; checkpoints hold the plain net.",
+        type=float,
+        metavar="S",
+    )
+    flag(
+        "logit_adjustment",
+        "Validate and save the net with TAU of the class weights taken back out of its "
+        "scores (-TAU*log w, kfcn.with_logit_adjustment), e.g. 0.5; needs --class_weighting.",
+        type=float,
+        metavar="TAU",
     )
     flag(
         "selection_metric",

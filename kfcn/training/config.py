@@ -27,8 +27,8 @@ DILATED_VARIANTS = {"fcn_d8": (8, 1), "fcn_d16": (16, 1), "fcn_d6": (16, 6)}
 MODALITIES = ("rgb", "rgbd", "hha", "rgb+hha")
 #: `photometric` settings (`kfcn.data.train_pipeline`).
 PHOTOMETRIC = ("none", "jitter", "mmseg")
-#: Validation test modes (`kfcn.evaluation.MODES` without msflip, too slow in a loop).
-VAL_MODES = ("whole", "slide")
+#: Validation test modes (`kfcn.evaluation.MODES`; msflip with `val_scales`, `val_flip`).
+VAL_MODES = ("whole", "slide", "msflip")
 #: Score names `selection_metric` may take (optionally "<task>/<name>").
 SELECTION_SCORES = ("mean_iou", "pixel_accuracy", "mean_accuracy", "frequency_weighted_iou")
 #: Settings of the dilated family only.
@@ -108,6 +108,9 @@ class TrainConfig:
         cat_max_ratio: Redraw a training crop (up to 10 times) while one class
             covers more than this fraction of it (mmseg 0.75); None disables.
         mixed_precision: float16 (GPU) or bfloat16 (CPU) compute.
+        float32_depthwise: With `mixed_precision`, keep the depthwise
+            convolutions (and their batch norm and activation) in float32
+            (`kfcn.precision.float32_depthwise`).
         jit_compile: Compile the train step with XLA (one replica only; faster
             for some models, much slower for depthwise convolutions on CPU:
             see README's benchmarks).
@@ -116,6 +119,14 @@ class TrainConfig:
         val_mode: "whole" images or "slide" windows (mmseg's Cityscapes 769x769 rows).
         val_crop_size: Window (height, width) of "slide".
         val_stride: Window stride of "slide" (default 2/3 of the window).
+        val_scales: Resize factors of "msflip" (`kfcn.evaluation.predict_msflip`);
+            (1.0,) with `val_flip` is test-time flip alone.
+        val_flip: "msflip" also predicts the mirrored images.
+        input_scale: Validation and model.keras run the net at this multiple of
+            the input's size (`kfcn.with_input_scale`; `kfcn.training.test_time`).
+        logit_adjustment: Validation and model.keras add -tau * log w to the
+            logits, w the loss's class weights (`kfcn.with_logit_adjustment`;
+            0: none; needs `class_weighting`).
         selection_metric: Validation score that picks `best.weights.h5`:
             "mean_iou" (the mean over tasks for several) or "<task>/<score>".
         num_overlays: Prediction overlays written to TensorBoard at each validation.
@@ -177,12 +188,17 @@ class TrainConfig:
     photometric: str = "none"
     cat_max_ratio: float | None = None
     mixed_precision: bool = False
+    float32_depthwise: bool = False
     jit_compile: bool = False
     eval_every: int = 0
     max_eval_images: int | None = None
     val_mode: str = "whole"
     val_crop_size: tuple[int, int] | None = None
     val_stride: tuple[int, int] | None = None
+    val_scales: tuple[float, ...] = (1.0,)
+    val_flip: bool = True
+    input_scale: float = 1.0
+    logit_adjustment: float = 0.0
     selection_metric: str = "mean_iou"
     num_overlays: int = 3
     checkpoint_every: int = 0
@@ -196,6 +212,7 @@ class TrainConfig:
         self.scale_range = tuple(float(v) for v in self.scale_range)
         if self.class_names is not None:
             self.class_names = tuple(str(n) for n in self.class_names)
+        self.val_scales = tuple(float(v) for v in self.val_scales)
         for name in ("val_crop_size", "val_stride"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(int(v) for v in getattr(self, name)))
@@ -319,6 +336,21 @@ class TrainConfig:
             fail("heads", "must map task names to >= 1 classes")
         if self.val_mode == "slide" and self.val_crop_size is None:
             fail("val_crop_size", "is required with val_mode='slide'")
+        if not self.val_scales or min(self.val_scales) <= 0:
+            fail("val_scales", "must be one or more numbers > 0")
+        if not (0 < self.input_scale < float("inf")):
+            fail("input_scale", "must be a finite number > 0")
+        if not (0 <= self.logit_adjustment < float("inf")):
+            fail("logit_adjustment", "must be a finite number >= 0 (0: none)")
+        if self.logit_adjustment and self.class_weighting == "none":
+            fail(
+                "logit_adjustment",
+                "takes the loss's class weights back out of the scores and needs "
+                "class_weighting (median_frequency or sqrt_median_frequency)",
+            )
+        self._validate_test_time()
+        if self.float32_depthwise and not self.mixed_precision:
+            fail("float32_depthwise", "keeps layers in float32 under mixed_precision, which is off")
         if self.selection_metric.rpartition("/")[2] not in SELECTION_SCORES:
             fail(
                 "selection_metric", f"must be one of {', '.join(SELECTION_SCORES)}, or <task>/<one>"
@@ -360,6 +392,19 @@ class TrainConfig:
                 "`class_weighting` needs one task; the run has several. Received: "
                 f"class_weighting={self.class_weighting!r} with heads={self.heads!r}"
             )
+
+    def _validate_test_time(self) -> None:
+        """input_scale and logit_adjustment need a net of one image input and one output."""
+        if self.input_scale == 1.0 and not self.logit_adjustment:
+            return
+        for name, plain in (("aux_head", False), ("heads", None), ("modality", "rgb")):
+            value = getattr(self, name)
+            if value != plain and not (name == "modality" and value in ("rgbd", "hha")):
+                raise ValueError(
+                    f"`input_scale` and `logit_adjustment` need a net of one image input and "
+                    f"one output. Received: {name}={value!r} with input_scale="
+                    f"{self.input_scale!r}, logit_adjustment={self.logit_adjustment!r}"
+                )
 
     def _validate_dataset_settings(self) -> None:
         uses_folder = "folder" in (self.dataset, self.resolved_val_dataset)

@@ -71,6 +71,8 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
         return _already_complete(run, inputs.total_steps, run_facts)
     # 3. Model and optimizer; the settings are recorded once they are known to work.
     model, optimizer = _model_and_optimizer(config, strategy, inputs, loss_scaling, model_fn)
+    with strategy.scope():  # the view makes no variable; its layers are the model's
+        eval_model = inputs.test_time.view(model)
     run.record_settings(config)
     # 4. The loop: checkpoints, validation, resume.
     trained = loop.train(
@@ -86,12 +88,13 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
         eval_dataset_fn=inputs.eval_dataset if config.has_validation else None,
         overlay_fn=None if inputs.class_info is None else _overlay_fn(inputs.class_info),
         num_overlays=config.num_overlays,
+        eval_model=eval_model,
     )
 
-    # 5. The final model (float32, with class names and palette) and results.
+    # 5. The final model (float32, as validated, with class names and palette) and results.
     if config.mixed_precision:
         model = _float32_copy(model, config, inputs.info.num_classes, model_fn)
-    run.save_model(model, inputs.class_info)
+    run.save_model(inputs.test_time.apply(model), inputs.class_info)
     result = FitResult(
         model_dir=config.model_dir,
         model_path=run.model_path,
@@ -184,6 +187,11 @@ class Inputs:
                     f"{n} {w:.3f}" for n, w in zip(self.info.class_names, self.class_weights)
                 ),
             )
+        from kfcn.training.test_time import TestTime
+
+        self.test_time = TestTime.from_settings(
+            config.input_scale, config.logit_adjustment, self.class_weights
+        )
         # Class names and palette are stored for one task; a multi-task model keeps none.
         multi_task = isinstance(self.info.num_classes, dict)
         self.class_info = None if multi_task else _class_info(config.dataset, self.info)
@@ -271,6 +279,8 @@ class Inputs:
             val_mode=config.val_mode,
             val_crop_size=config.val_crop_size,
             val_stride=config.val_stride,
+            val_scales=config.val_scales,
+            val_flip=config.val_flip,
             jit_compile=config.jit_compile,
             ema_momentum=config.ema_momentum,
         )
@@ -292,6 +302,7 @@ class Inputs:
             else list(self.info.class_names),
             "dtype_policy": _policy_name(),
             "class_weights": None if weights is None else [float(w) for w in weights],
+            "test_time": self.test_time.to_dict(),
         }
 
 
@@ -408,6 +419,10 @@ def _model_and_optimizer(
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = (model_fn or build_model)(config, inputs.info.num_classes)
+        if config.float32_depthwise:
+            from kfcn.precision import float32_depthwise
+
+            model = float32_depthwise(model)
         if config.bn_momentum is not None:
             set_batch_norm_momentum(model, config.bn_momentum)
         learning_rate = schedules.learning_rate_schedule(

@@ -32,7 +32,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -87,9 +87,11 @@ class LoopConfig:
         selection_metric: the validation score that picks the best model
             (`kfcn.training.outputs.selection_value`): "mean_iou" (for several
             tasks the mean of their mean IU) or e.g. "sem/mean_iou".
-        val_mode: "whole" or "slide" validation (`kfcn.evaluation.predict`).
-        val_crop_size: window of "slide".
+        val_mode: "whole", "slide" or "msflip" validation (`kfcn.evaluation.predict`).
+        val_crop_size: window of "slide" (and of "msflip" if set).
         val_stride: stride of "slide" (default 2/3 of the window).
+        val_scales: resize factors of "msflip".
+        val_flip: whether "msflip" also predicts the mirrored images.
         jit_compile: compile the train step with XLA (see `make_train_step`).
         ema_momentum: keep an exponential moving average of the trainable weights
             with this momentum (`kfcn.training.averaging`; 0 disables): validation,
@@ -111,6 +113,8 @@ class LoopConfig:
     val_mode: str = "whole"
     val_crop_size: tuple[int, int] | None = None
     val_stride: tuple[int, int] | None = None
+    val_scales: tuple[float, ...] = (1.0,)
+    val_flip: bool = True
     jit_compile: bool = False
     ema_momentum: float = 0.0
 
@@ -359,6 +363,8 @@ def validate(
     mode: str = "whole",
     crop_size: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
 ) -> dict[str, Any]:
     """Scores `model` on `dataset` (the local shard under multi-worker training).
 
@@ -380,9 +386,12 @@ def validate(
             matrices are summed, so every worker returns the scores of the whole set.
         heartbeat: called after every image (keeps the watchdog quiet).
         on_image: also called after every image, see `accumulate_confusion`.
-        mode: "whole" images or "slide" windows of `crop_size` every `stride`.
+        mode: "whole" images, "slide" windows of `crop_size` every `stride`, or
+            "msflip": the softmax averaged over `scales` (and mirrored if `flip`).
         crop_size: the window of "slide".
         stride: the window stride of "slide".
+        scales: the resize factors of "msflip".
+        flip: whether "msflip" also predicts the mirrored images.
 
     Returns:
         For one task, the dict of `kfcn.metrics.scores` plus "confusion" (nested
@@ -403,6 +412,8 @@ def validate(
         mode,
         crop_size=crop_size,
         stride=stride,
+        scales=scales,
+        flip=flip,
         on_image=after_image,
         strategy=strategy,
     )
@@ -593,6 +604,7 @@ def train(
     loss_fn: LossFn | None = None,
     overlay_fn: OverlayFn | None = None,
     num_overlays: int = 3,
+    eval_model: keras.Model | None = None,
 ) -> TrainResult:
     """Trains `model`, resuming from the latest checkpoint in `model_dir`.
 
@@ -621,6 +633,9 @@ def train(
             each validation the chief writes the overlays of its first
             `num_overlays` images to TensorBoard (`logs/validation`, images tab).
         num_overlays: see `overlay_fn`.
+        eval_model: the model validation scores, built on `model`'s layers
+            (`kfcn.training.test_time.TestTime.view`); default `model`. The best
+            validation still saves `model`'s weights.
 
     Returns:
         A `TrainResult`. With `config.ema_momentum`, `model` then holds the
@@ -716,7 +731,7 @@ def train(
                 overlays.append((name or str(index), overlay_fn(rgb, prediction)))
 
         scores = validate(
-            model,
+            model if eval_model is None else eval_model,
             eval_dataset_fn(info.num_workers, info.worker_index),
             num_classes=num_classes,
             ignore_label=ignore_label,
@@ -726,6 +741,8 @@ def train(
             mode=config.val_mode,
             crop_size=config.val_crop_size,
             stride=config.val_stride,
+            scales=config.val_scales,
+            flip=config.val_flip,
         )
         for task, task_scores in _task_scores(scores).items():
             logger.info(
