@@ -8,8 +8,8 @@ times the input's size (`kfcn.with_input_scale`, the plain net's figures kept
 under validation.native), and with `--logit_adjustment TAU` it takes TAU of the
 run's class weights back out of the scores (`kfcn.logit_adjustment`, the weights
 recomputed from the run's training split); a run trained with `kfcn train
---input_scale S --logit_adjustment TAU` gives both by default. It measures the argmax agreement of the
-stored weights with the float32 model on every validation pixel, and writes
+--input_scale S --logit_adjustment TAU` gives both by default. It measures the
+argmax agreement of the stored weights with the float32 model on every validation pixel, and writes
 `kfcn/preset_files/<name>/` with the model card: the training command, data,
 steps, wall clock, machine and these scores.
 

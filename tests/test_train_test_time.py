@@ -100,9 +100,9 @@ def _spread_scores_model(path, folder):
     class everywhere, which neither setting can change: `--init_from` this, with a
     tiny learning rate, so that both move the validation score.
     """
-    import kfcn
-
     import keras
+
+    import kfcn
 
     model = kfcn.build_fcn("fcn8s", backbone="mobilenetv2", weights=None, num_classes=3)
     image = _masks(folder, "val")[0][0][None].astype(np.float32)

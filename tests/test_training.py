@@ -96,6 +96,15 @@ def test_fixed_schedule_and_errors():
         ({"ema_momentum": 1.0}, "ema_momentum"),
         ({"class_weighting": "inverse"}, "class_weighting"),
         ({"scale_range": (2.0, 1.0)}, "scale_range"),
+        ({"float32_depthwise": True}, "float32_depthwise"),  # without mixed_precision
+        ({"input_scale": 0.0}, "input_scale"),
+        ({"input_scale": float("nan")}, "input_scale"),
+        ({"logit_adjustment": 0.5}, "logit_adjustment"),  # without class weights
+        ({"logit_adjustment": -1.0, "class_weighting": "median_frequency"}, "logit_adjustment"),
+        ({"val_scales": ()}, "val_scales"),
+        ({"val_mode": "msflip", "val_scales": (1.0, -0.5)}, "val_scales"),
+        ({"input_scale": 1.25, "aux_head": True, "variant": "fcn_d8"}, "input_scale"),
+        ({"input_scale": 1.25, "heads": {"sem": 33, "geo": 3}}, "input_scale"),
         ({"num_classes": 3}, "num_classes"),  # not a camvid setting
         ({"dataset": "folder", "list_file": "x.txt"}, "num_classes"),  # required for folder
         ({"dataset": "folder", "num_classes": 3}, "list_file"),  # no list, no data_dir

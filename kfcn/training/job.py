@@ -423,6 +423,10 @@ def _model_and_optimizer(
             from kfcn.precision import float32_depthwise
 
             model = float32_depthwise(model)
+            kept = sum(layer.compute_dtype == "float32" for layer in model.layers)
+            logger.info(
+                "float32_depthwise: %d of %d layers compute in float32", kept, len(model.layers)
+            )
         if config.bn_momentum is not None:
             set_batch_norm_momentum(model, config.bn_momentum)
         learning_rate = schedules.learning_rate_schedule(
