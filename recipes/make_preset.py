@@ -43,17 +43,21 @@ def _scores(results: dict) -> dict:
     return out
 
 
-def _class_weight_adjustment(args: argparse.Namespace) -> dict:
-    """The card's logit_adjustment: tau, the run's class weights and their offsets."""
+def _run_config(run_dir: str) -> dict:
+    """The run's settings (its config.yaml)."""
     import yaml
 
+    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _class_weight_adjustment(args: argparse.Namespace, config: dict) -> dict:
+    """The card's logit_adjustment: tau, the run's class weights and their offsets."""
     from kfcn import losses
     from kfcn.data import load_dataset
     from kfcn.logit_adjustment import class_weight_offsets
     from kfcn.training.config import CLASS_WEIGHT_POWERS
 
-    with open(os.path.join(args.run_dir, "config.yaml"), encoding="utf-8") as handle:
-        config = yaml.safe_load(handle)
     weighting = config.get("class_weighting", "none")
     if weighting not in CLASS_WEIGHT_POWERS:
         sys.exit(f"--logit_adjustment: the run trained with class_weighting={weighting!r}")
@@ -71,12 +75,8 @@ def _class_weight_adjustment(args: argparse.Namespace) -> dict:
     }
 
 
-def _settle_test_time(args: argparse.Namespace) -> None:
+def _settle_test_time(args: argparse.Namespace, config: dict) -> None:
     """--input_scale and --logit_adjustment, defaulting to the run's own settings."""
-    import yaml
-
-    with open(os.path.join(args.run_dir, "config.yaml"), encoding="utf-8") as handle:
-        config = yaml.safe_load(handle)
     if args.input_scale is None:
         args.input_scale = float(config.get("input_scale") or 1.0)
     if args.logit_adjustment is None and config.get("logit_adjustment"):
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from kfcn.logit_adjustment import with_logit_adjustment
     from kfcn.metadata import read_class_info
 
-    _settle_test_time(args)
+    config = _run_config(args.run_dir)
+    _settle_test_time(args, config)
     model_path = os.path.join(args.run_dir, "model.keras")
     # The plain net (a run with test-time settings saved it wrapped): best.weights.h5
     # holds the plain net's weights, and the settings are applied again below.
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     adjustment = None
     if args.logit_adjustment is not None:
-        adjustment = _class_weight_adjustment(args)
+        adjustment = _class_weight_adjustment(args, config)
         model = with_logit_adjustment(model, adjustment["offsets"])
         print(f"logit adjustment tau {args.logit_adjustment}: offsets {adjustment['offsets']}")
 

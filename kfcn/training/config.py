@@ -338,8 +338,9 @@ class TrainConfig:
             fail("val_crop_size", "is required with val_mode='slide'")
         if not self.val_scales or min(self.val_scales) <= 0:
             fail("val_scales", "must be one or more numbers > 0")
-        if not (0 < self.input_scale < float("inf")):
-            fail("input_scale", "must be a finite number > 0")
+        from kfcn.input_scale import check_scale
+
+        check_scale(self.input_scale)  # the one scale check, naming `input_scale`
         if not (0 <= self.logit_adjustment < float("inf")):
             fail("logit_adjustment", "must be a finite number >= 0 (0: none)")
         if self.logit_adjustment and self.class_weighting == "none":
@@ -397,12 +398,16 @@ class TrainConfig:
         """input_scale and logit_adjustment need a net of one image input and one output."""
         if self.input_scale == 1.0 and not self.logit_adjustment:
             return
-        for name, plain in (("aux_head", False), ("heads", None), ("modality", "rgb")):
-            value = getattr(self, name)
-            if value != plain and not (name == "modality" and value in ("rgbd", "hha")):
+        several = {
+            "aux_head": self.aux_head,  # a second output
+            "heads": self.heads is not None,  # one output per task
+            "modality": self.modality == "rgb+hha",  # two image inputs
+        }
+        for name, is_several in several.items():
+            if is_several:
                 raise ValueError(
                     f"`input_scale` and `logit_adjustment` need a net of one image input and "
-                    f"one output. Received: {name}={value!r} with input_scale="
+                    f"one output. Received: {name}={getattr(self, name)!r} with input_scale="
                     f"{self.input_scale!r}, logit_adjustment={self.logit_adjustment!r}"
                 )
 
