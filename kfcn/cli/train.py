@@ -242,6 +242,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     flag("epochs", "Training epochs, when --steps is not given.", type=int)
     flag("steps", "Training steps (overrides --epochs).", type=int)
+    flag(
+        "time_budget",
+        "Minutes of training wall clock, validations included: the run ends where its pace "
+        "projects the budget to run out and poly decays to that step; --steps/--epochs "
+        "still cap it.",
+        type=float,
+        metavar="MINUTES",
+    )
     flag("optimizer", "Optimizer.", choices=OPTIMIZERS)
     flag("learning_rate", "Initial learning rate.", type=float)
     flag("momentum", "SGD momentum.", type=float)
@@ -425,15 +433,30 @@ def run(args: argparse.Namespace, *, model_fn: Any = None) -> int:
         logging.shutdown()
         sys.stderr.flush()
         os._exit(PEER_FAILURE_EXIT_CODE)
+    budget = result.time_budget
     if result.already_complete:
+        end = f"step {result.final_step} of {result.total_steps}"
+        further = "Raise --steps or --epochs to train further"
+        if budget and budget["ended_by"] == "time_budget":
+            end = (
+                f"its time budget of {budget['minutes']:g} minutes ended it at step "
+                f"{budget['last_step']}"
+            )
+            further = (
+                f"To train further, start a new --model_dir with --init_from {result.model_path}"
+            )
         print(
-            f"{config.model_dir} is already complete: step {result.final_step} of "
-            f"{result.total_steps}; nothing to train. Raise --steps or --epochs to train "
-            f"further. Model: {result.model_path}"
+            f"{config.model_dir} is already complete: {end}; nothing to train. {further}. "
+            f"Model: {result.model_path}"
         )
         return 0
     scores = result.validation
     summary = f"Trained steps {result.start_step}-{result.final_step} of {result.total_steps}"
+    if budget:
+        summary += (
+            f" ({budget['spent_minutes']:.1f} of the {budget['minutes']:g}-minute time budget"
+            f"{', which ended the run' if budget['ended_by'] == 'time_budget' else ''})"
+        )
     if scores:
         tasks = (
             {"": scores}

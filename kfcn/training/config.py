@@ -9,6 +9,7 @@ TensorFlow nor Keras.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -83,6 +84,10 @@ class TrainConfig:
         scale_range: Random rescaling (min, max).
         epochs: Training epochs (when `steps` is None).
         steps: Training steps.
+        time_budget: Minutes of the training loop's wall clock (validations and
+            checkpoints included) the run may take: it ends where its pace
+            projects the budget to run out, and "poly" ends its decay there
+            (`kfcn.training.time_budget`); `steps`/`epochs` still cap it. None: off.
         optimizer: "sgd" or "adam".
         learning_rate: Initial learning rate.
         momentum: SGD momentum.
@@ -172,6 +177,7 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     epochs: int = 50
     steps: int | None = None
+    time_budget: float | None = None
     optimizer: str = "sgd"
     learning_rate: float = 1e-4
     momentum: float = 0.9
@@ -318,6 +324,10 @@ class TrainConfig:
             fail("bn_momentum", "must be in [0, 1)")
         if not 0 <= self.ema_momentum < 1:
             fail("ema_momentum", "must be in [0, 1) (0 disables the average)")
+        if self.time_budget is not None and not (
+            math.isfinite(self.time_budget) and self.time_budget > 0
+        ):
+            fail("time_budget", "must be a number of minutes > 0")
         if len(self.crop_size) != 2 or min(self.crop_size) < 1:
             fail("crop_size", "must be (height, width), positive")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:

@@ -70,7 +70,9 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
     if run.is_complete(inputs.total_steps):
         return _already_complete(run, inputs.total_steps, run_facts)
     # 3. Model and optimizer; the settings are recorded once they are known to work.
-    model, optimizer = _model_and_optimizer(config, strategy, inputs, loss_scaling, model_fn)
+    model, optimizer, horizon = _model_and_optimizer(
+        config, strategy, inputs, loss_scaling, model_fn
+    )
     with strategy.scope():  # the view makes no variable; its layers are the model's
         eval_model = inputs.test_time.view(model)
     run.record_settings(config)
@@ -89,6 +91,7 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
         overlay_fn=None if inputs.class_info is None else _overlay_fn(inputs.class_info),
         num_overlays=config.num_overlays,
         eval_model=eval_model,
+        horizon=horizon,
     )
 
     # 5. The final model (float32, as validated, with class names and palette) and results.
@@ -105,6 +108,7 @@ def fit(config: TrainConfig, *, model_fn: ModelFn | None = None) -> FitResult:
         best=trained.best,
         images_per_second=trained.images_per_second,
         run=run_facts,
+        time_budget=trained.time_budget,
         is_chief=run.is_chief,
     )
     run.write_result(result)
@@ -283,6 +287,7 @@ class Inputs:
             val_flip=config.val_flip,
             jit_compile=config.jit_compile,
             ema_momentum=config.ema_momentum,
+            time_budget=None if config.time_budget is None else 60.0 * config.time_budget,
         )
 
     def facts(self, strategy: Any, num_workers: int) -> dict[str, Any]:
@@ -410,8 +415,10 @@ def _model_and_optimizer(
     inputs: Inputs,
     loss_scaling: bool,
     model_fn: ModelFn | None,
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, Any]:
+    """The model, its optimizer and, with a time budget, the schedule's horizon variable."""
     import keras
+    import tensorflow as tf
 
     from kfcn.training import schedules
 
@@ -429,12 +436,17 @@ def _model_and_optimizer(
             )
         if config.bn_momentum is not None:
             set_batch_norm_momentum(model, config.bn_momentum)
+        # A budgeted run's last step is decided while it trains: the loop moves it.
+        horizon = None
+        if config.time_budget is not None:
+            horizon = tf.Variable(inputs.total_steps, dtype=tf.float64, trainable=False)
         learning_rate = schedules.learning_rate_schedule(
             config.schedule,
             config.learning_rate,
             inputs.total_steps,
             power=config.poly_power,
             end_learning_rate=config.min_learning_rate,
+            horizon=horizon,
         )
         if config.optimizer == "sgd":
             optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum)
@@ -442,7 +454,7 @@ def _model_and_optimizer(
             optimizer = keras.optimizers.Adam(learning_rate)
         if loss_scaling:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return model, optimizer
+    return model, optimizer, horizon
 
 
 # --------------------------------------------------------------------------------------
@@ -503,5 +515,6 @@ def _already_complete(run: RunDirectory, total_steps: int, facts: dict[str, Any]
         already_complete=True,
         best=_recorded_best(run.path),
         run=facts,
+        time_budget=run.recorded_budget(),
         is_chief=run.is_chief,
     )

@@ -45,6 +45,7 @@ from kfcn.training import outputs as outputs_lib
 from kfcn.training.averaging import WeightAverage
 from kfcn.training.checkpoints import TrainingCheckpoint
 from kfcn.training.strategy import WorkerInfo, worker_info
+from kfcn.training.time_budget import TimeBudget
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class LoopConfig:
         ema_momentum: keep an exponential moving average of the trainable weights
             with this momentum (`kfcn.training.averaging`; 0 disables): validation,
             `best.weights.h5` and the returned model use it.
+        time_budget: seconds of the loop's wall clock the run may take
+            (`kfcn.training.time_budget`): it ends at the step the budget
+            projects, at most `total_steps`; None: at `total_steps`.
     """
 
     total_steps: int
@@ -117,6 +121,7 @@ class LoopConfig:
     val_flip: bool = True
     jit_compile: bool = False
     ema_momentum: float = 0.0
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -138,6 +143,12 @@ class LoopConfig:
             raise ValueError(
                 f"`ema_momentum` must be in [0, 1). Received: ema_momentum={self.ema_momentum}"
             )
+        if self.time_budget is not None and not (
+            math.isfinite(self.time_budget) and self.time_budget > 0
+        ):
+            raise ValueError(
+                f"`time_budget` must be > 0 seconds. Received: time_budget={self.time_budget}"
+            )
 
 
 @dataclasses.dataclass
@@ -153,6 +164,8 @@ class TrainResult:
             (which includes tracing), or over the whole run if it was the only one.
         best: the best validation so far (`{"step", "metric", "value", "weights"}`,
             see `BestModel`), or None.
+        time_budget: with `LoopConfig.time_budget`, `{"minutes", "spent_minutes",
+            "last_step", "ended_by"}` ("time_budget" or "steps"); else None.
     """
 
     start_step: int
@@ -161,6 +174,7 @@ class TrainResult:
     metrics: dict[str, Any] | None
     images_per_second: float | None
     best: dict[str, Any] | None = None
+    time_budget: dict[str, Any] | None = None
 
 
 def _default_loss_fn() -> LossFn:
@@ -605,6 +619,7 @@ def train(
     overlay_fn: OverlayFn | None = None,
     num_overlays: int = 3,
     eval_model: keras.Model | None = None,
+    horizon: tf.Variable | None = None,
 ) -> TrainResult:
     """Trains `model`, resuming from the latest checkpoint in `model_dir`.
 
@@ -636,6 +651,10 @@ def train(
         eval_model: the model validation scores, built on `model`'s layers
             (`kfcn.training.test_time.TestTime.view`); default `model`. The best
             validation still saves `model`'s weights.
+        horizon: with `config.time_budget`, the scalar variable the learning-rate
+            schedule reads as its last step (`kfcn.training.time_budget`); the
+            loop sets it to the projected last step and checkpoints it. Made
+            here when None (a schedule that does not decay).
 
     Returns:
         A `TrainResult`. With `config.ema_momentum`, `model` then holds the
@@ -650,6 +669,11 @@ def train(
     _build_optimizer(strategy, model, optimizer)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     trackables: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": step_var}
+    if config.time_budget is not None:
+        if horizon is None:
+            horizon = tf.Variable(config.total_steps, dtype=tf.float64, trainable=False)
+        spent_var = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="time_spent")
+        trackables.update(horizon=horizon, time_spent=spent_var)
     average = None
     if config.ema_momentum:
         with strategy.scope():
@@ -660,12 +684,19 @@ def train(
     )
     restored = checkpoint.restore()
     start_step = int(step_var.numpy())
-    if restored and start_step >= config.total_steps:
+    # The run ends at end_step: total_steps, or where its time budget projects.
+    end_step, budget = config.total_steps, None
+    if config.time_budget is not None:
+        budget = TimeBudget(config.time_budget, config.total_steps, spent=float(spent_var.numpy()))
+        if restored:
+            end_step = max(start_step, min(config.total_steps, round(float(horizon.numpy()))))
+        horizon.assign(end_step)
+    if restored and start_step >= end_step:
         logger.info(
             "The run in %s is already at step %d of %d: nothing to train (checkpoint %s)",
             model_dir,
             start_step,
-            config.total_steps,
+            end_step,
             restored,
         )
     elif restored:
@@ -678,6 +709,14 @@ def train(
         )
     else:
         logger.info("Starting a fresh run of %d steps in %s", config.total_steps, model_dir)
+    if budget is not None:
+        logger.info(
+            "Time budget: %.1f minutes (%.1f spent): the run ends where the pace projects, "
+            "at most at step %d",
+            budget.seconds / 60,
+            budget.spent() / 60,
+            config.total_steps,
+        )
 
     train_step = make_train_step(
         strategy,
@@ -711,6 +750,17 @@ def train(
     measured_time, measured_steps, first_window = 0.0, 0, True
     first_time, first_steps = 0.0, 0
     last_saved = checkpoint.latest
+    # Seconds the last validation and checkpoint took: the budget keeps them back.
+    eval_seconds = save_seconds = 0.0
+
+    def project_end(current: int) -> int:
+        """The budget's last step at `step` (collective: every worker, same step)."""
+        measured = np.array(budget.measure(step), np.float64)
+        spent, pace = _sum_over_workers(strategy, info, measured) / info.num_workers
+        last = budget.last_step(step, spent, pace, eval_seconds + save_seconds, current)
+        if last != current:
+            horizon.assign(last)
+        return last
 
     def run_eval() -> dict[str, Any]:
         with average.swapped_in() if average else contextlib.nullcontext():
@@ -796,20 +846,23 @@ def train(
         return values
 
     with _Watchdog(config.step_timeout, lambda: f"at step {step}") as watchdog:
-        while step < config.total_steps:
+        while step < end_step:
             with _collective_failures(info, step, last_saved):
                 pending.append(train_step(iterator))
             step += 1
             window_steps += 1
             watchdog.beat()
-            saving = step % config.checkpoint_every == 0 or step == config.total_steps
+            if budget is not None and step % config.log_every == 0:
+                with _collective_failures(info, step, last_saved):
+                    end_step = project_end(end_step)
+            saving = step % config.checkpoint_every == 0 or step == end_step
             validating = eval_dataset_fn is not None and (
-                (config.eval_every and step % config.eval_every == 0) or step == config.total_steps
+                (config.eval_every and step % config.eval_every == 0) or step == end_step
             )
             if step % config.log_every == 0 or saving or validating:
                 with _collective_failures(info, step, last_saved):
                     loss, l2, grad_norm, output_losses = settle()
-            if step % config.log_every == 0 or step == config.total_steps:
+            if step % config.log_every == 0 or step == end_step:
                 elapsed = time.monotonic() - window_start
                 rate = window_steps * config.global_batch_size / max(elapsed, 1e-9)
                 seconds_per_step = elapsed / window_steps
@@ -821,16 +874,20 @@ def train(
                 first_window = False
                 lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
                 logger.info(
-                    "step %d/%d epoch %d/%d: loss %.4f l2 %.4f lr %.3g, %.2f images/s, ETA %s",
+                    "step %d/%d epoch %d/%d: loss %.4f l2 %.4f lr %.3g, %.2f images/s, ETA %s%s",
                     step,
-                    config.total_steps,
+                    end_step,
                     (step - 1) // config.steps_per_epoch + 1,
-                    math.ceil(config.total_steps / config.steps_per_epoch),
+                    math.ceil(end_step / config.steps_per_epoch),
                     loss,
                     l2,
                     lr,
                     rate,
-                    _format_eta(seconds_per_step * (config.total_steps - step)),
+                    _format_eta(seconds_per_step * (end_step - step)),
+                    ""
+                    if budget is None
+                    else f" (time budget: {budget.spent() / 60:.1f} of {budget.seconds / 60:.1f} "
+                    "minutes)",
                 )
                 with train_writer.as_default():
                     _scalar("loss", loss, step)
@@ -844,15 +901,22 @@ def train(
                 train_writer.flush()
                 window_start, window_steps = time.monotonic(), 0
             pause_start = time.monotonic()
+            clock = time.monotonic if budget is None else budget.now
             if saving:
+                save_start = clock()
                 step_var.assign(step)
+                if budget is not None:
+                    spent_var.assign(budget.spent())
                 with _collective_failures(info, step, last_saved):
                     saved = checkpoint.save(step)
                 last_saved = saved or checkpoint.latest
+                save_seconds = clock() - save_start
                 watchdog.beat()
             if validating:
+                eval_start = clock()
                 with _collective_failures(info, step, last_saved):
                     last_scores = run_eval()
+                eval_seconds = clock() - eval_start
                 watchdog.beat()
             # Saving and validating are not training: keep them out of images/s.
             window_start += time.monotonic() - pause_start
@@ -870,8 +934,22 @@ def train(
         images_per_second = first_steps * config.global_batch_size / first_time
     else:
         images_per_second = None
+    budget_record = None
+    if budget is not None:
+        budget_record = {
+            "minutes": budget.seconds / 60,
+            "spent_minutes": budget.spent() / 60,
+            "last_step": step,
+            "ended_by": "steps" if step >= config.total_steps else "time_budget",
+        }
     return TrainResult(
-        start_step, step, checkpoint.latest, last_scores, images_per_second, best.record
+        start_step,
+        step,
+        checkpoint.latest,
+        last_scores,
+        images_per_second,
+        best.record,
+        budget_record,
     )
 
 

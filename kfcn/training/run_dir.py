@@ -15,6 +15,7 @@ a resumed run or a reader never sees a half-written one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -58,6 +59,8 @@ class FitResult:
             weights file `model_dir/best.weights.h5`), or None.
         run: what the settings resolved to (seed, replicas, steps per epoch,
             classes, dtype policy, class weights).
+        time_budget: with `time_budget`, `{"minutes", "spent_minutes",
+            "last_step", "ended_by"}` (`kfcn.training.loop.TrainResult`), else None.
         is_chief: whether this process wrote the files (not in result.json).
     """
 
@@ -71,6 +74,7 @@ class FitResult:
     images_per_second: float | None = None
     best: dict[str, Any] | None = None
     run: dict[str, Any] = dataclasses.field(default_factory=dict)
+    time_budget: dict[str, Any] | None = None
     is_chief: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,8 +157,24 @@ class RunDirectory:
             files.write_text_atomically(text, self.settings_path)
 
     def is_complete(self, total_steps: int) -> bool:
-        """Whether a previous run reached `total_steps` and wrote its final model."""
-        return os.path.exists(self.model_path) and self.checkpoint_step() >= total_steps
+        """Whether a previous run reached its end and wrote its final model.
+
+        Its end is `total_steps`, or the step where its time budget ended it
+        (result.json's `time_budget`, at the latest checkpoint's step).
+        """
+        if not os.path.exists(self.model_path):
+            return False
+        step = self.checkpoint_step()
+        budget = self.recorded_budget() or {}
+        ended_by_budget = budget.get("ended_by") == "time_budget"
+        return step >= total_steps or (ended_by_budget and budget.get("last_step") == step)
+
+    def recorded_budget(self) -> dict[str, Any] | None:
+        """The `time_budget` record of the result.json written here, or None."""
+        if not os.path.exists(self.result_path):
+            return None
+        with open(self.result_path, encoding="utf-8") as f:
+            return json.load(f).get("time_budget")
 
     def save_model(self, model: Any, class_info: Any = None) -> None:
         """Writes the final model with `class_info` inside, atomically (chief only).

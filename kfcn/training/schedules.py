@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import keras
+    import tensorflow as tf
 
 SCHEDULES = ("poly", "fixed")
 
@@ -17,6 +18,7 @@ def learning_rate_schedule(
     *,
     power: float = 0.9,
     end_learning_rate: float = 0.0,
+    horizon: tf.Variable | None = None,
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """Returns the learning rate for the optimizer.
 
@@ -33,6 +35,9 @@ def learning_rate_schedule(
         power: exponent of the poly schedule.
         end_learning_rate: the poly schedule's final rate (mmseg's `eta_min`), in
             [0, learning_rate).
+        horizon: a scalar variable holding the step at which "poly" ends, for a
+            run whose length is decided while it trains (`kfcn train
+            --time_budget`: the loop moves it); None: `total_steps`.
 
     Returns:
         A float for "fixed", a `LearningRateSchedule` called with the
@@ -54,6 +59,10 @@ def learning_rate_schedule(
         )
     if name == "fixed":
         return float(learning_rate)
+    if horizon is not None:
+        from kfcn.training.time_budget import MovingHorizonPolyDecay
+
+        return MovingHorizonPolyDecay(learning_rate, horizon, end_learning_rate, power)
     import keras
 
     return keras.optimizers.schedules.PolynomialDecay(
