@@ -39,7 +39,14 @@ DRIVER = textwrap.dedent(
 
     own = argparse.ArgumentParser()
     own.add_argument("--step_delay", type=float, default=0.0)
+    # This process's time-budget clock runs this many times faster than the real one.
+    own.add_argument("--budget_clock_rate", type=float, default=1.0)
     options, argv = own.parse_known_args()
+    if options.budget_clock_rate != 1.0:
+        import types
+        from kfcn.training import time_budget
+        rate = options.budget_clock_rate
+        time_budget.time = types.SimpleNamespace(monotonic=lambda: rate * time.monotonic())
 
     class Delay(keras.layers.Layer):
         def __init__(self, seconds=0.0, **kwargs):
@@ -413,6 +420,57 @@ def test_two_workers_train_survive_a_killed_worker_and_resume(tmp_path, camvid, 
         "training_curves.png",
     ]
     assert _latest_step(model_dir) == 40
+
+
+@pytest.mark.slow
+def test_two_workers_with_different_clocks_end_a_budgeted_run_at_the_same_step(
+    tmp_path, camvid, driver
+):
+    """The workers average their budget clocks: the one whose clock runs 3x fast
+    would, on its own, stop long before the other and leave it hanging in a
+    collective."""
+    model_dir = str(tmp_path / "run")
+    ports = _free_ports(2)
+    command = [
+        PYTHON,
+        driver,
+        f"--model_dir={model_dir}",
+        f"--data_dir={camvid}",
+        "--steps=100000",
+        "--time_budget=0.5",
+        "--log_every=2",
+        "--checkpoint_every=10",
+        "--eval_every=20",
+        "--step_delay=0.1",
+        "--strategy=multi_worker_mirrored",
+        "--collective_timeout=30",
+        "--step_timeout=60",
+    ]
+    processes = [
+        subprocess.Popen(
+            [*command, f"--budget_clock_rate={rate}"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(TF_CONFIG=_tf_config(ports, i)),
+        )
+        for i, rate in enumerate((1.0, 3.0))
+    ]
+    try:
+        logs = [p.communicate(timeout=300)[1] for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(processes, logs):
+        assert p.returncode == 0, log[-3000:]
+    budget = json.load(open(os.path.join(model_dir, "result.json")))["time_budget"]
+    assert budget["ended_by"] == "time_budget" and budget["last_step"] < 100000
+    # result.json holds the chief's own clock; the mean of the two runs 2x faster,
+    # so the budget ran out after about a quarter of a real minute.
+    assert 0.1 < budget["spent_minutes"] < 0.45
+    last = [re.findall(r"step (\d+)/(\d+) epoch", log)[-1] for log in logs]
+    assert last[0] == last[1] == (str(budget["last_step"]),) * 2, last
+    assert _latest_step(model_dir) == budget["last_step"]
 
 
 @pytest.mark.slow

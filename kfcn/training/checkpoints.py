@@ -87,8 +87,9 @@ class TrainingCheckpoint:
             raise CheckpointMismatchError(
                 f"Cannot resume from {path}: it does not fit the model and optimizer built "
                 f"from the current settings ({str(e).splitlines()[0][:300]}). Were `backbone`, "
-                "`variant`, `optimizer` or `schedule` changed since it was written? Rerun with "
-                "the original settings (its config.yaml), or use a new `model_dir`."
+                "`variant`, `optimizer`, `schedule` or `time_budget` changed since it was "
+                "written? Rerun with the original settings (its config.yaml), or use a new "
+                "`model_dir`."
             ) from e
         logger.info("Restored checkpoint %s", path)
         return path
