@@ -467,7 +467,7 @@ def test_two_workers_with_different_clocks_end_a_budgeted_run_at_the_same_step(
     assert budget["ended_by"] == "time_budget" and budget["last_step"] < 100000
     # result.json holds the chief's own clock; the mean of the two runs 2x faster,
     # so the budget ran out after about a quarter of a real minute.
-    assert 0.1 < budget["spent_minutes"] < 0.45
+    assert 0.1 < budget["spent_minutes"] < 0.5
     last = [re.findall(r"step (\d+)/(\d+) epoch", log)[-1] for log in logs]
     assert last[0] == last[1] == (str(budget["last_step"]),) * 2, last
     assert _latest_step(model_dir) == budget["last_step"]

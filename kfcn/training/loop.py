@@ -755,9 +755,10 @@ def train(
 
     def project_end(current: int) -> int:
         """The budget's last step at `step` (collective: every worker, same step)."""
-        measured = np.array(budget.measure(step), np.float64)
-        spent, pace = _sum_over_workers(strategy, info, measured) / info.num_workers
-        last = budget.last_step(step, spent, pace, eval_seconds + save_seconds, current)
+        # Every worker must project the same step: average what each one measured.
+        measured = np.array([*budget.measure(step), eval_seconds + save_seconds], np.float64)
+        spent, pace, reserve = _sum_over_workers(strategy, info, measured) / info.num_workers
+        last = budget.last_step(step, spent, pace, reserve, current)
         if last != current:
             horizon.assign(last)
         return last
