@@ -884,7 +884,11 @@ def train(
                     l2,
                     lr,
                     rate,
-                    _format_eta(seconds_per_step * (end_step - step)),
+                    _format_eta(
+                        seconds_per_step * (end_step - step)
+                        if budget is None
+                        else max(budget.seconds - budget.spent(), 0.0)
+                    ),
                     ""
                     if budget is None
                     else f" (time budget: {budget.spent() / 60:.1f} of {budget.seconds / 60:.1f} "
