@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from test_cli_train import _error_line, _run, _train_args, folder  # noqa: F401 (fixture)
-from test_training import _summaries, synthetic_batches, tiny_model
+from test_training import _summaries, _train
 
 from kfcn.training import loop, schedules, time_budget
 
@@ -68,46 +68,25 @@ def test_projection_from_the_pace_after_the_first_interval():
 
 
 def _budget_run(model_dir, monkeypatch, *, budget_s, total_steps, checkpoint_every=10):
-    """The loop on synthetic data; its budget's clock reads 1 s per optimizer step."""
-    images, labels = synthetic_batches(16, 8)
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    with strategy.scope():
-        model = tiny_model()
-        horizon = tf.Variable(total_steps, dtype=tf.float64)
-        optimizer = keras.optimizers.SGD(
-            schedules.learning_rate_schedule("poly", 0.05, total_steps, horizon=horizon),
-            momentum=0.9,
-        )
-    fake_time = types.SimpleNamespace(monotonic=lambda: float(optimizer.iterations.numpy()))
-    monkeypatch.setattr(time_budget, "time", fake_time)
+    """`test_training._train` with a budget whose clock reads 1 s per optimizer step."""
 
-    def train_fn(context, start_step):
-        ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2).repeat()
-        return ds.skip(start_step % 8)
+    built = {}
 
-    def eval_fn(num_shards, index):
-        return tf.data.Dataset.from_tensor_slices((images[:4, None], labels[:4, None]))
+    def fake_clock(model, optimizer, horizon):
+        clock = types.SimpleNamespace(monotonic=lambda: float(optimizer.iterations.numpy()))
+        monkeypatch.setattr(time_budget, "time", clock)
+        built["horizon"] = horizon
 
-    result = loop.train(
-        strategy=strategy,
-        model=model,
-        optimizer=optimizer,
-        train_dataset_fn=train_fn,
-        config=loop.LoopConfig(
-            total_steps=total_steps,
-            steps_per_epoch=8,
-            global_batch_size=2,
-            checkpoint_every=checkpoint_every,
-            eval_every=20,
-            log_every=5,
-            time_budget=budget_s,
-        ),
-        model_dir=str(model_dir),
-        num_classes=3,
-        eval_dataset_fn=eval_fn,
-        horizon=horizon,
+    result, _, _ = _train(
+        model_dir,
+        total_steps,
+        checkpoint_every=checkpoint_every,
+        log_every=5,
+        eval_every=20,
+        time_budget=budget_s,
+        on_built=fake_clock,
     )
-    return result, horizon
+    return result, built["horizon"]
 
 
 def _logged_learning_rates(model_dir) -> dict[int, float]:

@@ -374,7 +374,16 @@ def _train(
     checkpoint_every=2,
     log_every=1,
     ema_momentum=0.0,
+    eval_every=4,
+    time_budget=None,
+    on_built=None,
 ):
+    """Trains `tiny_model` on synthetic batches of 2; returns (result, model, optimizer).
+
+    With `time_budget` (seconds) the poly schedule reads its end from a horizon
+    variable the loop moves (`kfcn.training.time_budget`); `on_built(model,
+    optimizer, horizon)` runs before training (tests set a fake clock from it).
+    """
     images, labels = synthetic_batches(16, 8)
     if poison_from is not None:
         images = images.copy()
@@ -382,9 +391,15 @@ def _train(
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     with strategy.scope():
         model = tiny_model()
+        horizon = None
+        if time_budget is not None:
+            horizon = tf.Variable(total_steps, dtype=tf.float64)
         optimizer = keras.optimizers.SGD(
-            schedules.learning_rate_schedule("poly", lr, total_steps), momentum=0.9
+            schedules.learning_rate_schedule("poly", lr, total_steps, horizon=horizon),
+            momentum=0.9,
         )
+    if on_built is not None:
+        on_built(model, optimizer, horizon)
 
     def train_fn(context, start_step):
         # Deterministic order that continues where the checkpoint left off.
@@ -404,10 +419,11 @@ def _train(
             steps_per_epoch=8,
             global_batch_size=2,
             checkpoint_every=checkpoint_every,
-            eval_every=4,
+            eval_every=eval_every,
             log_every=log_every,
             weight_decay=1e-4,
             ema_momentum=ema_momentum,
+            time_budget=time_budget,
         ),
         model_dir=str(model_dir),
         num_classes=3,
@@ -417,6 +433,7 @@ def _train(
             [image, np.repeat((100 * prediction).astype(np.uint8)[..., None], 3, -1)], axis=1
         ),
         num_overlays=2,
+        horizon=horizon,
     )
     return result, model, optimizer
 
