@@ -165,6 +165,7 @@ def run_training(case: dict[str, Any]) -> list[dict[str, Any]]:
     from kfcn.precision import float32_depthwise
     from kfcn.training import loop
     from kfcn.training import strategy as strategy_lib
+    from kfcn.training.sgd import SGD
 
     height, width = case["size"]
     batch, precision = case["batch"], case["precision"]
@@ -184,7 +185,7 @@ def run_training(case: dict[str, Any]) -> list[dict[str, Any]]:
             model = build_model(case["model"], (height, width, 3), num_classes)
             if case.get("depthwise_float32"):
                 model = float32_depthwise(model)
-            optimizer = keras.optimizers.SGD(1e-3, momentum=0.9)
+            optimizer = SGD(1e-3, momentum=0.9)
         # "keras": Keras's own BatchNormalization, which kfcn's builders replace.
         fuse_batch_norm(model, fused=case.get("batch_norm", "fused") == "fused")
         record["float32_layers"] = sum(layer.compute_dtype == "float32" for layer in model.layers)

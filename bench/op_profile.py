@@ -69,6 +69,7 @@ def profile_one(args: argparse.Namespace, precision: str) -> dict:
 
     from bench.cases import _images, _set_policy, build_model
     from kfcn.training import loop
+    from kfcn.training.sgd import SGD
 
     height, width = (int(v) for v in args.size.split("x"))
     _set_policy(precision)
@@ -76,7 +77,7 @@ def profile_one(args: argparse.Namespace, precision: str) -> dict:
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     with strategy.scope():
         model = build_model(args.model, (height, width, 3), args.num_classes)
-        optimizer = keras.optimizers.SGD(1e-10, momentum=0.9)
+        optimizer = SGD(1e-10, momentum=0.9)
     images = tf.constant(_images(args.batch, height, width))
     if args.mode == "forward":
         forward = tf.function(lambda: model(images, training=False))

@@ -45,6 +45,7 @@ from kfcn import VARIANTS, backbones, geometry, surgery
 from kfcn import modality as modality_lib
 from kfcn.batch_norm import fuse_batch_norm
 from kfcn.bilinear import BilinearInitializer
+from kfcn.conv_gradients import use_matmul_gradients
 from kfcn.layers import AlignCrop, FullyConnectedConv2D, PadToMultiple, Preprocess, Scale
 from kfcn.modality import MODALITIES
 
@@ -563,6 +564,7 @@ def build_fcn(
     model = keras.Model(inputs, outputs, name=name or f"{variant}_{backbone_name}{suffix}")
     # Same layers and weights; only the training pass changes (kfcn.batch_norm).
     fuse_batch_norm(model)
+    use_matmul_gradients(model)
     if init_from is not None:
         _initialise_from(init_from, model, modality)
     return model

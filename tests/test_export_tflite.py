@@ -246,3 +246,28 @@ def test_script(tmp_path):
     )
     assert bad.returncode != 0 and "representative_data" in bad.stderr
     assert not (tmp_path / "u.tflite").exists()
+
+
+def test_layers_with_training_gradients_export_with_their_signature(tmp_path, test_images):
+    """fc6/fc7's matmul gradients and the 3x3 nine-matmul ones are custom gradients
+    in training only: a frozen custom gradient cost the .tflite file its signature."""
+    import keras
+
+    from kfcn.conv_gradients import MIN_CHANNELS, use_matmul_gradients
+    from kfcn.layers import FullyConnectedConv2D, Preprocess
+
+    inputs = keras.Input((None, None, 3))
+    x = Preprocess("tf")(inputs)
+    x = keras.layers.Conv2D(MIN_CHANNELS, 1, activation="relu")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = FullyConnectedConv2D(8, 3, padding="same", activation="relu")(x)
+    model = keras.Model(inputs, FullyConnectedConv2D(4, 1)(x))
+    assert use_matmul_gradients(model) == 1
+    result = tflite_lib.export_tflite(model, tmp_path / "m.tflite", SIZE)
+    interpreter = tflite_lib.make_interpreter(result.path)
+    assert interpreter.get_signature_list() == {
+        "serving_default": {"inputs": ["images"], "outputs": ["logits"]}
+    }
+    ours = tflite_lib.tflite_logits(interpreter, test_images[0])
+    reference = np.asarray(model(test_images[:1].astype(np.float32), training=False))[0]
+    np.testing.assert_allclose(ours, reference, atol=1e-4 * np.abs(reference).max())

@@ -40,7 +40,7 @@ def test_fully_connected_conv_gradients_equal_convolution_gradients(kernel, padd
     kernel_var = tf.Variable(w)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        got = layer(x)
+        got = layer(x, training=True)  # the matmul gradients are training's
         expected = tf.nn.conv2d(x, kernel_var, 1, padding.upper()) + b
     upstream = tf.constant(rng.normal(size=expected.shape).astype("float32"))
     got_dx, got_dw, got_db = tape.gradient(got, [x, layer.kernel, layer.bias], upstream)

@@ -87,6 +87,7 @@ EQUIVALENCE = textwrap.dedent(
     import keras, numpy as np, tensorflow as tf
     from kfcn.training import loop
     from kfcn.training.averaging import WeightAverage
+    from kfcn.training.sgd import SGD
 
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (12, 6, 6, 3)).astype(np.float32)
@@ -103,7 +104,8 @@ EQUIVALENCE = textwrap.dedent(
             x = keras.layers.Conv2D(5, 3, padding="same", activation="relu",
                                     kernel_initializer=keras.initializers.GlorotUniform(1))(x)
             x = keras.layers.Conv2D(3, 1, kernel_initializer=keras.initializers.GlorotUniform(2))(x)
-            return keras.Model(inputs, x), keras.optimizers.SGD(0.5, momentum=0.9)
+            # kfcn's fused SGD, as `kfcn train` uses: each replica updates its own copy.
+            return keras.Model(inputs, x), SGD(0.5, momentum=0.9)
 
     def run(strategy):
         model, optimizer = model_and_optimizer(strategy)

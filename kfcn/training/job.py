@@ -421,6 +421,7 @@ def _model_and_optimizer(
     import tensorflow as tf
 
     from kfcn.training import schedules
+    from kfcn.training.sgd import SGD
 
     # The run's seed initialises the weights too, so that config.yaml repeats the run.
     keras.utils.set_random_seed(config.seed)
@@ -449,7 +450,7 @@ def _model_and_optimizer(
             horizon=horizon,
         )
         if config.optimizer == "sgd":
-            optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum)
+            optimizer = SGD(learning_rate, momentum=config.momentum)
         else:
             optimizer = keras.optimizers.Adam(learning_rate)
         if loss_scaling:
