@@ -7,18 +7,21 @@ output gradient over the map's positions:
     dW[i, j] = sum over (b, y, x) of  X[b, y + i - 1, x + j - 1]^T  dY[b, y, x]
 
 With the input zero-padded to width W + 2 and flattened to rows of channels,
-the shift by (i, j) is a contiguous block of rows starting at i (W + 2) + j,
-so each tap is one `tf.matmul(rows^T, dY)`: no im2col copy, and the output
-gradient padded to the same width contributes zeros where the shifted rows
-wrap around. oneDNN's `Conv2DBackpropFilter` ran at 0.58-0.83 of the float32
-matmul rate for VGG16's 3x3 layers of 128 channels or more on the 2-core AMD
-EPYC VM, the nine products at 0.84-0.90 (`python -m bench.conv_gradients`),
-and it is the largest part of FCN-8s VGG16's training step. With 64 input
-channels or fewer the products are not faster, so those layers keep oneDNN's
-kernel. The forward pass and the input gradient are TensorFlow's own
-(`tf.nn.conv2d`, `Conv2DBackpropInput`), and only calls with `training=True`
-take this path, so inference and every export (a custom gradient in a frozen
-graph cost TFLite files their signature) hold Keras's own convolution.
+the shift by (i, j) is a contiguous block of rows starting at i (W + 2) + j
+(a slice that shares the padded input's memory), so each tap is one
+`tf.matmul(rows^T, dY)`: no im2col copy, and the output gradient padded to
+the same grid contributes zeros where the shifted rows wrap around.
+
+oneDNN's `Conv2DBackpropFilter` ran at 0.57-0.86 of the float32 matmul rate
+for VGG16's 3x3 layers at 512x512 on the 2-core AMD EPYC (Zen 5) VM, the
+nine products at 0.79-0.89 for the layers of 128 input channels or more
+(`python -m bench.conv_gradients`); it is the largest part of FCN-8s VGG16's
+training step. With 64 input channels or fewer the products are slower, so
+those layers keep oneDNN's kernel. The forward pass and the input gradient
+are TensorFlow's own (`tf.nn.conv2d`, `Conv2DBackpropInput`), and only calls
+with `training=True` take this path, so inference and every export (a custom
+gradient in a frozen graph cost TFLite files their signature) hold Keras's
+own convolution.
 
 `MatmulGradientConv2D` is `keras.layers.Conv2D` with that gradient;
 `use_matmul_gradients` switches the qualifying Conv2D layers of a built model
@@ -57,11 +60,14 @@ def _conv3x3(x: tf.Tensor, kernel: tf.Tensor):
             padding="SAME",
         )
         width = tf.shape(x)[2] + 2
-        rows = tf.reshape(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), (-1, channels))
-        # Room for the last tap's shift past the final padded row.
-        rows = tf.concat([rows, tf.zeros((2 * width + 2, channels), x.dtype)], 0)
-        dy_rows = tf.reshape(tf.pad(dy, [[0, 0], [0, 2], [0, 2], [0, 0]]), (-1, filters))
-        count = tf.shape(dy_rows)[0]
+        # Each image padded to H + 3 rows of W + 2 (one row more below than the
+        # convolution's padding), the output gradient to the same grid with zeros:
+        # the last tap's block of rows, shifted by 2 (W + 2) + 2, stays inside the
+        # padded input, and the rows it leaves out at the end are all zeros in dY.
+        rows = tf.reshape(tf.pad(x, [[0, 0], [1, 2], [1, 1], [0, 0]]), (-1, channels))
+        dy_rows = tf.reshape(tf.pad(dy, [[0, 0], [0, 3], [0, 2], [0, 0]]), (-1, filters))
+        count = tf.shape(dy_rows)[0] - (2 * width + 2)
+        dy_rows = dy_rows[:count]
         taps = [
             tf.matmul(rows[i * width + j : i * width + j + count], dy_rows, transpose_a=True)
             for i in range(3)

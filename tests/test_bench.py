@@ -329,3 +329,19 @@ def test_training_case_with_float32_depthwise_convolutions():
     assert plain["float32_layers"] == 1 and kept["float32_layers"] == 1 + 17 * 3
     assert kept["flops_per_image"] == plain["flops_per_image"]
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_conv_gradients_bench_checks_and_tables_every_vgg16_shape(capsys):
+    from bench import conv_gradients
+
+    from kfcn.conv_gradients import MIN_CHANNELS
+
+    assert conv_gradients.main(["--size", "32", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out[: out.index("\n| map")])
+    rows = record["rows"]
+    # VGG16's 13 3x3 layers in 9 distinct shapes, each timed four ways.
+    assert sum(row["layers"] for row in rows) == 13 and len(rows) == 9
+    assert [row["switched"] for row in rows] == [row["channels"] >= MIN_CHANNELS for row in rows]
+    assert all(len(row["ms"]) == 4 and min(row["ms"].values()) > 0 for row in rows)
+    assert out.count("\n| ") == 1 + 9
