@@ -333,7 +333,6 @@ def test_training_case_with_float32_depthwise_convolutions():
 
 def test_conv_gradients_bench_checks_and_tables_every_vgg16_shape(capsys):
     from bench import conv_gradients
-
     from kfcn.conv_gradients import MIN_CHANNELS
 
     assert conv_gradients.main(["--size", "32", "--repeats", "1"]) == 0
