@@ -213,8 +213,10 @@ class FullyConnectedConv2D(keras.layers.Conv2D):
     channels over a small map; TensorFlow's CPU (oneDNN) convolution runs it
     several times below the machine's matmul rate, while a 1x1 convolution over
     the 25,088 stacked channels is a plain GEMM (measured in
-    `bench/fcn_forward.py`). The ops (PAD, STRIDED_SLICE, CONCATENATION,
-    CONV_2D) all convert to TFLite builtins.
+    `bench/fcn_forward.py`), computed as a `tf.matmul` over the map's positions
+    (oneDNN's 1x1 convolution ran it at 0.80 of the matmul rate, the matmul at
+    0.93). The ops (PAD, STRIDED_SLICE, CONCATENATION, FULLY_CONNECTED) all
+    convert to TFLite builtins the GPU delegate runs.
 
     The backward pass of that 1x1 convolution (and of a 1x1 `FullyConnectedConv2D`
     such as fc7) is two matrix products as well (`pointwise_conv`): oneDNN's
@@ -237,7 +239,7 @@ class FullyConnectedConv2D(keras.layers.Conv2D):
 
     def convolution_op(self, inputs, kernel):
         # The matmul gradients only where a gradient is taken: an inference graph
-        # (SavedModel, TFLite, ONNX) holds the plain convolution, no custom gradient.
+        # (SavedModel, TFLite, ONNX) holds the plain product, no custom gradient.
         conv = pointwise_conv if keras_training() else _plain_pointwise_conv
         rows, cols = self.kernel_size
         if rows == 1 and cols == 1:
@@ -275,7 +277,12 @@ def keras_training() -> bool:
 
 
 def _plain_pointwise_conv(x, kernel):
-    return tf.nn.conv2d(x, tf.cast(tf.convert_to_tensor(kernel), x.dtype), 1, "VALID")
+    # A matmul over the map's positions (FULLY_CONNECTED in TFLite): 0.93 of the
+    # matmul rate for fc6's shapes on the AMD EPYC VM, oneDNN's 1x1 convolution 0.80.
+    kernel = tf.cast(tf.convert_to_tensor(kernel), x.dtype)
+    channels, filters = kernel.shape[2], kernel.shape[3]
+    y = tf.matmul(tf.reshape(x, (-1, channels)), tf.reshape(kernel, (channels, filters)))
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [filters]], 0))
 
 
 @tf.custom_gradient
@@ -304,8 +311,9 @@ def _pointwise_conv(x: tf.Tensor, kernel: tf.Tensor):
 def pointwise_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     """A 1x1 convolution whose gradients are matrix products.
 
-    Used in training calls (`FullyConnectedConv2D` takes a plain convolution
-    otherwise, one CONV_2D in TFLite). The forward pass is `x kernel`, the
+    Used in training calls (`FullyConnectedConv2D` takes the same product
+    without a custom gradient otherwise, for inference and export graphs). The
+    forward pass is `x kernel`, the
     filter gradient is `x^T dy` and the input gradient `dy kernel^T` over the
     map's positions as rows, the same values as the convolution's gradients
     computed by `tf.matmul` instead of oneDNN's backward convolution kernels.
