@@ -276,25 +276,25 @@ def keras_training() -> bool:
     return isinstance(value, bool) and value
 
 
-def _plain_pointwise_conv(x, kernel):
-    # A matmul over the map's positions (FULLY_CONNECTED in TFLite): 0.93 of the
-    # matmul rate for fc6's shapes on the AMD EPYC VM, oneDNN's 1x1 convolution 0.80.
-    kernel = tf.cast(tf.convert_to_tensor(kernel), x.dtype)
+def _pointwise_product(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    # x kernel over the map's positions as rows (FULLY_CONNECTED in TFLite): 0.93
+    # of the matmul rate for fc6's shapes on the AMD EPYC VM, where oneDNN's 1x1
+    # convolution ran at 0.80.
     channels, filters = kernel.shape[2], kernel.shape[3]
     y = tf.matmul(tf.reshape(x, (-1, channels)), tf.reshape(kernel, (channels, filters)))
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [filters]], 0))
 
 
+def _plain_pointwise_conv(x, kernel):
+    return _pointwise_product(x, tf.cast(tf.convert_to_tensor(kernel), x.dtype))
+
+
 @tf.custom_gradient
 def _pointwise_conv(x: tf.Tensor, kernel: tf.Tensor):
     channels, filters = kernel.shape[2], kernel.shape[3]
-    rows = tf.reshape(x, (-1, channels))
-    # The forward product as a matmul too: 0.93 of the matmul rate for fc6's
-    # shapes against 0.80 for oneDNN's 1x1 convolution (AMD EPYC VM).
-    y = tf.matmul(rows, tf.reshape(kernel, (channels, filters)))
-    y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [filters]], 0))
 
     def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        rows = tf.reshape(x, (-1, channels))
         dy_rows = tf.reshape(dy, (-1, filters))
         # dy kernel^T as BatchMatMulV2 with adj_y: oneDNN's batched product with
         # the transposed operand ran at 0.91 of the matmul rate for fc6's shapes
@@ -305,7 +305,7 @@ def _pointwise_conv(x: tf.Tensor, kernel: tf.Tensor):
         dkernel = tf.matmul(rows, dy_rows, transpose_a=True)
         return tf.reshape(dx, tf.shape(x)), tf.reshape(dkernel, (1, 1, channels, filters))
 
-    return y, grad
+    return _pointwise_product(x, kernel), grad
 
 
 def pointwise_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
@@ -313,10 +313,10 @@ def pointwise_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
 
     Used in training calls (`FullyConnectedConv2D` takes the same product
     without a custom gradient otherwise, for inference and export graphs). The
-    forward pass is `x kernel`, the
-    filter gradient is `x^T dy` and the input gradient `dy kernel^T` over the
-    map's positions as rows, the same values as the convolution's gradients
-    computed by `tf.matmul` instead of oneDNN's backward convolution kernels.
+    forward pass is `x kernel`, the filter gradient `x^T dy` and the input
+    gradient `dy kernel^T` over the map's positions as rows: the convolution's
+    values and gradients, computed by matmuls instead of oneDNN's convolution
+    kernels.
 
     Args:
         x: [batch, height, width, channels], channels_last.
