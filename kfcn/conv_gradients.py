@@ -25,7 +25,8 @@ own convolution.
 
 `MatmulGradientConv2D` is `keras.layers.Conv2D` with that gradient;
 `use_matmul_gradients` switches the qualifying Conv2D layers of a built model
-to it in place (same weights, config and names), as kfcn's FCN builders do.
+to it in place (same weights, config and names), as `kfcn.build_fcn` and
+`kfcn.build_dilated_fcn` do.
 fc6 and fc7 have their own matmul gradients (`kfcn.layers.pointwise_conv`).
 
 Simonyan and Zisserman, "Very Deep Convolutional Networks for Large-Scale

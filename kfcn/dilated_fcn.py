@@ -27,6 +27,7 @@ import keras
 
 from kfcn import backbones, fcn, geometry
 from kfcn.batch_norm import fuse_batch_norm
+from kfcn.conv_gradients import use_matmul_gradients
 from kfcn.heads import fcn_head
 from kfcn.layers import Preprocess, ResizeLike
 
@@ -270,8 +271,9 @@ def build_dilated_fcn(
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = sync_batchnorm
     # Same layers and weights; only the training pass changes (kfcn.batch_norm;
-    # synchronized layers keep Keras's cross-replica moments).
+    # synchronized layers keep Keras's cross-replica moments; kfcn.conv_gradients).
     fuse_batch_norm(model)
+    use_matmul_gradients(model)
     return model
 
 

@@ -141,3 +141,28 @@ def test_training_calls_take_the_matmuls_and_inference_calls_do_not():
     assert training.count("Conv2DBackpropFilter") == 5
     assert inference.count("Conv2DBackpropFilter") == 8
     assert training.count("MatMul") == 3 * 9 and "MatMul" not in inference
+
+
+def test_dilated_fcn_switches_its_undilated_wide_3x3_layers():
+    """FCN R-18-D8: layer2's stride-1 3x3 layers (128 channels) and the FCNHead's
+    3x3 convolutions switch; the dilated layer3/layer4 ones and the 64-channel
+    layer1 and stem keep Keras's Conv2D."""
+    import kfcn
+
+    model = kfcn.build_dilated_fcn("resnet18_v1c", num_classes=3, weights=None)
+    switched, kept = set(), set()
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, MatmulGradientConv2D):
+            switched.add(layer)
+        elif type(layer) is keras.layers.Conv2D and tuple(layer.kernel_size) == (3, 3):
+            kept.add(layer)
+    assert switched and kept
+    assert all(tuple(layer.dilation_rate) == (1, 1) for layer in switched)
+    assert all(layer.kernel.shape[2] >= MIN_CHANNELS for layer in switched)
+    assert all(
+        layer.kernel.shape[2] < MIN_CHANNELS
+        or tuple(layer.strides) != (1, 1)
+        or tuple(layer.dilation_rate) != (1, 1)
+        for layer in kept
+    )
+    assert any(tuple(layer.dilation_rate) != (1, 1) for layer in kept)
