@@ -269,10 +269,12 @@ def keras_training() -> bool:
     (Conv2D's): a train step's `model(images, training=True)` reads True, an
     inference or export trace (`training=False` or unset) False.
     """
-    from keras.src.backend.common import global_state
-
+    try:  # Keras 3's call context; without it, every call takes the inference path
+        from keras.src.backend.common import global_state
+    except ImportError:
+        return False
     context = global_state.get_global_attribute("current_call_ctx")
-    value = None if context is None else context.get_value("training")
+    value = getattr(context, "training", None)
     return isinstance(value, bool) and value
 
 
