@@ -41,7 +41,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kfcn.layers import keras_training
+from kfcn.layers import keras_training, static_kernel
 
 # Below this many input channels oneDNN's filter gradient is as fast or faster.
 MIN_CHANNELS = 128
@@ -89,13 +89,7 @@ def conv3x3(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     Returns:
         `tf.nn.conv2d(x, kernel, 1, "SAME")`, [batch, height, width, filters].
     """
-    if len(kernel.shape) != 4 or tuple(kernel.shape[:2]) != (3, 3) or None in kernel.shape:
-        raise ValueError(
-            f"`kernel` must be a [3, 3, channels, filters] kernel of static size. Received: "
-            f"shape {tuple(kernel.shape)}"
-        )
-    kernel = tf.convert_to_tensor(kernel)
-    return _conv3x3(x, tf.cast(kernel, x.dtype))
+    return _conv3x3(x, static_kernel(kernel, (3, 3), x))
 
 
 def _qualifies(layer: keras.layers.Conv2D, channels: int | None) -> bool:

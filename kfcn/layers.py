@@ -287,8 +287,23 @@ def _pointwise_product(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [filters]], 0))
 
 
+def static_kernel(kernel, size: tuple[int, int], x: tf.Tensor) -> tf.Tensor:
+    """`kernel` as a tensor of `x`'s dtype, checked to be [*size, channels, filters].
+
+    Raises:
+        ValueError: If the kernel has another rank or spatial size, or an
+            unknown dimension.
+    """
+    if len(kernel.shape) != 4 or tuple(kernel.shape[:2]) != size or None in kernel.shape:
+        raise ValueError(
+            f"`kernel` must be a [{size[0]}, {size[1]}, channels, filters] kernel of static "
+            f"size. Received: shape {tuple(kernel.shape)}"
+        )
+    return tf.cast(tf.convert_to_tensor(kernel), x.dtype)
+
+
 def _plain_pointwise_conv(x, kernel):
-    return _pointwise_product(x, tf.cast(tf.convert_to_tensor(kernel), x.dtype))
+    return _pointwise_product(x, static_kernel(kernel, (1, 1), x))
 
 
 @tf.custom_gradient
@@ -327,13 +342,7 @@ def pointwise_conv(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     Returns:
         [batch, height, width, filters].
     """
-    if len(kernel.shape) != 4 or tuple(kernel.shape[:2]) != (1, 1) or None in kernel.shape:
-        raise ValueError(
-            f"`kernel` must be a [1, 1, channels, filters] kernel of static size. Received: "
-            f"shape {tuple(kernel.shape)}"
-        )
-    kernel = tf.convert_to_tensor(kernel)
-    return _pointwise_conv(x, tf.cast(kernel, x.dtype))
+    return _pointwise_conv(x, static_kernel(kernel, (1, 1), x))
 
 
 @keras.saving.register_keras_serializable(package="kfcn")
